@@ -1,0 +1,553 @@
+//! The configuration file: YAML in, a validated [`Config`] out.
+//!
+//! Two stages. serde (with `deny_unknown_fields` everywhere) checks the shape
+//! and reports the first structural problem with its key path, which
+//! serde_yaml provides (`clusters.main.ports.rw: unknown field `listn``).
+//! Then [`validate`] checks meaning and collects *every* problem, each
+//! prefixed by its key path, so an operator fixes a file in one round.
+//!
+//! The `patroni_proxy.yaml` format of the older tool is a subset of this one
+//! and loads unchanged. No I/O here besides reading the file in [`load`].
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use log::LevelFilter;
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::topology::PortRole;
+
+/// Default admin HTTP address, as in the older tool.
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:8009";
+
+/// Upper bound of a configured duration, so typos like `30000` minutes'
+/// worth of seconds are caught.
+const MAX_SECONDS: f64 = 86_400.0;
+
+/// The validated configuration. Everything here has a value: defaults are
+/// filled in by [`validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub cluster_update_interval: Duration,
+    pub listen_address: SocketAddr,
+    pub log_level: LevelFilter,
+    pub connect_timeout: Duration,
+    pub api_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    /// `None`: a topology never goes stale (keep routing on the last one).
+    pub topology_ttl: Option<Duration>,
+    pub max_connections: usize,
+    pub buffer_size: usize,
+    pub listen_backlog: u32,
+    pub tcp_keepalive: Option<Keepalive>,
+    /// Sorted by name.
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// TCP keepalive probes, set on client and backend sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle_secs: u32,
+    pub interval_secs: u32,
+    pub count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// Base URLs without a trailing slash; `/cluster` is appended.
+    pub hosts: Vec<String>,
+    /// Sorted by name.
+    pub ports: Vec<PortConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub roles: Vec<PortRole>,
+    /// Dial this port on the member's host; `None`: the member's own port.
+    pub host_port: Option<u16>,
+    pub max_lag_in_bytes: Option<u64>,
+    /// How long a client may wait for a routable member. Zero: refuse at once.
+    pub backend_wait_timeout: Duration,
+}
+
+impl Config {
+    /// The settings an updater thread of `cluster` depends on; when they
+    /// change on reload, that updater is restarted.
+    pub fn updater_settings(&self, cluster: &ClusterConfig) -> (Vec<String>, Duration, Duration) {
+        (cluster.hosts.clone(), self.cluster_update_interval, self.api_timeout)
+    }
+
+    /// Every listening address in the file, with the port's display name.
+    pub fn ports(&self) -> impl Iterator<Item = (&ClusterConfig, &PortConfig)> {
+        self.clusters.iter().flat_map(|c| c.ports.iter().map(move |p| (c, p)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as serde sees it.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    cluster_update_interval: Option<f64>,
+    listen_address: Option<String>,
+    log_level: Option<String>,
+    connect_timeout: Option<f64>,
+    api_timeout: Option<f64>,
+    shutdown_timeout: Option<f64>,
+    topology_ttl: Option<f64>,
+    max_connections: Option<u64>,
+    buffer_size: Option<u64>,
+    listen_backlog: Option<u32>,
+    tcp_keepalive: Option<RawKeepalive>,
+    clusters: BTreeMap<String, RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeepalive {
+    enabled: Option<bool>,
+    idle: Option<u32>,
+    interval: Option<u32>,
+    count: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    hosts: Vec<String>,
+    ports: BTreeMap<String, RawPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    listen: String,
+    roles: Vec<String>,
+    host_port: Option<u16>,
+    max_lag_in_bytes: Option<u64>,
+    backend_wait_timeout: Option<f64>,
+}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, Error> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+        file: file.clone(),
+        problems: vec![format!("cannot read: {e}")],
+    })?;
+    parse(&text).map_err(|problems| Error::Config { file, problems })
+}
+
+/// Parses and validates YAML text; the error lists every problem found.
+pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| vec![e.to_string()])?;
+    validate(raw)
+}
+
+/// Collects problems with their key paths while building the typed config.
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, path: &str, msg: impl std::fmt::Display) {
+        self.0.push(format!("{path}: {msg}"));
+    }
+
+    /// A duration in seconds within `min..=MAX_SECONDS` (`min` itself is
+    /// allowed only when `allow_zero`).
+    fn seconds(&mut self, path: &str, v: Option<f64>, default: f64, allow_zero: bool) -> Duration {
+        let v = v.unwrap_or(default);
+        let ok = v.is_finite()
+            && v <= MAX_SECONDS
+            && if allow_zero { v >= 0.0 } else { v >= 0.001 };
+        if ok {
+            Duration::from_secs_f64(v)
+        } else {
+            let low = if allow_zero { "0" } else { "0.001" };
+            self.add(path, format!("{v} seconds is out of range; expected {low} to {MAX_SECONDS}"));
+            Duration::from_secs_f64(default)
+        }
+    }
+}
+
+fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
+    let mut p = Problems(Vec::new());
+
+    let interval = p.seconds("cluster_update_interval", raw.cluster_update_interval, 3.0, false);
+    if interval < Duration::from_millis(100) {
+        p.add("cluster_update_interval", "must be at least 0.1 seconds");
+    }
+    let listen_address = match parse_listen(raw.listen_address.as_deref().unwrap_or(DEFAULT_ADMIN_ADDRESS)) {
+        Ok(a) => a,
+        Err(e) => {
+            p.add("listen_address", e);
+            DEFAULT_ADMIN_ADDRESS.parse().expect("default admin address parses")
+        }
+    };
+    let log_level = match raw.log_level.as_deref().unwrap_or("info").to_ascii_lowercase().as_str() {
+        "off" => LevelFilter::Off,
+        "error" => LevelFilter::Error,
+        "warn" | "warning" => LevelFilter::Warn,
+        "info" => LevelFilter::Info,
+        "debug" => LevelFilter::Debug,
+        "trace" => LevelFilter::Trace,
+        other => {
+            p.add("log_level", format!("unknown level {other:?}; expected off, error, warn, info, debug or trace"));
+            LevelFilter::Info
+        }
+    };
+    let connect_timeout = p.seconds("connect_timeout", raw.connect_timeout, 3.0, false);
+    let api_timeout = p.seconds("api_timeout", raw.api_timeout, 2.0, false);
+    let shutdown_timeout = p.seconds("shutdown_timeout", raw.shutdown_timeout, 30.0, true);
+    let ttl = p.seconds("topology_ttl", raw.topology_ttl, 30.0, true);
+    let topology_ttl = (!ttl.is_zero()).then_some(ttl);
+
+    let max_connections = raw.max_connections.unwrap_or(10_000);
+    if !(1..=1_000_000).contains(&max_connections) {
+        p.add("max_connections", format!("{max_connections} is out of range; expected 1 to 1000000"));
+    }
+    let buffer_size = raw.buffer_size.unwrap_or(32 * 1024);
+    if !(1024..=1024 * 1024).contains(&buffer_size) {
+        p.add("buffer_size", format!("{buffer_size} bytes is out of range; expected 1024 to 1048576"));
+    }
+    let listen_backlog = raw.listen_backlog.unwrap_or(1024);
+    if !(1..=65_535).contains(&listen_backlog) {
+        p.add("listen_backlog", format!("{listen_backlog} is out of range; expected 1 to 65535"));
+    }
+    let tcp_keepalive = keepalive(&mut p, raw.tcp_keepalive);
+
+    let mut clusters = Vec::new();
+    for (cname, rc) in raw.clusters {
+        clusters.push(cluster(&mut p, cname, rc));
+    }
+    check_listen_clashes(&mut p, listen_address, &clusters);
+
+    if p.0.is_empty() {
+        Ok(Config {
+            cluster_update_interval: interval,
+            listen_address,
+            log_level,
+            connect_timeout,
+            api_timeout,
+            shutdown_timeout,
+            topology_ttl,
+            max_connections: max_connections as usize,
+            buffer_size: buffer_size as usize,
+            listen_backlog,
+            tcp_keepalive,
+            clusters,
+        })
+    } else {
+        Err(p.0)
+    }
+}
+
+fn keepalive(p: &mut Problems, raw: Option<RawKeepalive>) -> Option<Keepalive> {
+    let raw = raw.unwrap_or(RawKeepalive { enabled: None, idle: None, interval: None, count: None });
+    let mut field = |name: &str, v: Option<u32>, default: u32, max: u32| {
+        let v = v.unwrap_or(default);
+        if !(1..=max).contains(&v) {
+            p.add(&format!("tcp_keepalive.{name}"), format!("{v} is out of range; expected 1 to {max}"));
+        }
+        v
+    };
+    let ka = Keepalive {
+        idle_secs: field("idle", raw.idle, 60, 32_767),
+        interval_secs: field("interval", raw.interval, 10, 32_767),
+        count: field("count", raw.count, 6, 127),
+    };
+    raw.enabled.unwrap_or(true).then_some(ka)
+}
+
+fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
+    let path = format!("clusters.{name}");
+    if rc.hosts.is_empty() {
+        p.add(&format!("{path}.hosts"), "is empty; list at least one Patroni REST API URL");
+    }
+    let mut hosts: Vec<String> = Vec::new();
+    for (i, h) in rc.hosts.iter().enumerate() {
+        let hp = format!("{path}.hosts[{i}]");
+        match check_api_url(h) {
+            Ok(url) => {
+                if hosts.iter().any(|o| o.eq_ignore_ascii_case(&url)) {
+                    p.add(&hp, format!("{h:?} is listed twice"));
+                } else {
+                    hosts.push(url);
+                }
+            }
+            Err(e) => p.add(&hp, e),
+        }
+    }
+    if rc.ports.is_empty() {
+        p.add(&format!("{path}.ports"), "is empty; define at least one port");
+    }
+    let mut ports = Vec::new();
+    for (pname, rp) in rc.ports {
+        let pp = format!("{path}.ports.{pname}");
+        let listen = match parse_listen(&rp.listen) {
+            Ok(a) => a,
+            Err(e) => {
+                p.add(&format!("{pp}.listen"), e);
+                continue;
+            }
+        };
+        if rp.roles.is_empty() {
+            p.add(&format!("{pp}.roles"), "is empty; expected one or more of leader, sync, async, any");
+        }
+        let mut roles = Vec::new();
+        for (i, r) in rp.roles.iter().enumerate() {
+            match PortRole::parse(r) {
+                Some(role) if roles.contains(&role) => {
+                    p.add(&format!("{pp}.roles[{i}]"), format!("role {r:?} is listed twice"))
+                }
+                Some(role) => roles.push(role),
+                None => p.add(
+                    &format!("{pp}.roles[{i}]"),
+                    format!("unknown role {r:?}; expected leader, sync, async, any or standby_leader"),
+                ),
+            }
+        }
+        if rp.host_port == Some(0) {
+            p.add(&format!("{pp}.host_port"), "0 is not a usable port; omit the key to use each member's own port");
+        }
+        let wait_path = format!("{pp}.backend_wait_timeout");
+        let backend_wait_timeout = p.seconds(&wait_path, rp.backend_wait_timeout, 10.0, true);
+        ports.push(PortConfig {
+            name: pname,
+            listen,
+            roles,
+            host_port: rp.host_port,
+            max_lag_in_bytes: rp.max_lag_in_bytes,
+            backend_wait_timeout,
+        });
+    }
+    ClusterConfig { name, hosts, ports }
+}
+
+/// Accepts `http://host[:port][/path]` or `https://…`, returns it without a
+/// trailing slash.
+fn check_api_url(url: &str) -> Result<String, String> {
+    let trimmed = url.trim();
+    let lower = trimmed.to_ascii_lowercase();
+    let rest = if let Some(r) = lower.strip_prefix("http://") {
+        r
+    } else if let Some(r) = lower.strip_prefix("https://") {
+        if !cfg!(feature = "tls") {
+            return Err(format!(
+                "{url:?} uses https, but this build has no TLS support (build with --features tls)"
+            ));
+        }
+        r
+    } else {
+        return Err(format!("{url:?} is not an http:// or https:// URL"));
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() || authority.starts_with(':') {
+        return Err(format!("{url:?} has no host"));
+    }
+    if rest.contains(['?', '#', ' ']) {
+        return Err(format!("{url:?} must not contain a query, fragment or spaces"));
+    }
+    Ok(trimmed.trim_end_matches('/').to_string())
+}
+
+/// A listening address must be a literal `ip:port` (no DNS at start-up).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an ip:port address (IPv6 as [::1]:6432)"))?;
+    if addr.port() == 0 {
+        return Err(format!("{s:?} has port 0; give a fixed port"));
+    }
+    Ok(addr)
+}
+
+/// Two addresses clash when they share a port and either is the same IP or
+/// one of them is a wildcard (the kernel refuses the second bind).
+pub fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let wildcard = |ip: IpAddr| ip.is_unspecified();
+    a.port() == b.port() && (a.ip() == b.ip() || wildcard(a.ip()) || wildcard(b.ip()))
+}
+
+fn check_listen_clashes(p: &mut Problems, admin: SocketAddr, clusters: &[ClusterConfig]) {
+    let mut seen: Vec<(String, SocketAddr)> = vec![("listen_address".to_string(), admin)];
+    for c in clusters {
+        for port in &c.ports {
+            let path = format!("clusters.{}.ports.{}.listen", c.name, port.name);
+            if let Some((other, _)) = seen.iter().find(|(_, a)| addresses_clash(*a, port.listen)) {
+                p.add(&path, format!("{} clashes with {other}", port.listen));
+            }
+            seen.push((path, port.listen));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD_FORMAT: &str = r#"
+cluster_update_interval: 3
+listen_address: "127.0.0.1:8009"
+clusters:
+  my_cluster:
+    hosts: ["http://192.168.1.1:8008", "http://192.168.1.2:8008"]
+    ports:
+      master:   {listen: "0.0.0.0:6432", roles: ["leader"], host_port: 5432}
+      replicas: {listen: "0.0.0.0:6433", roles: ["sync", "async"], host_port: 5432,
+                 max_lag_in_bytes: 16777216}
+"#;
+
+    fn errors(yaml: &str) -> Vec<String> {
+        parse(yaml).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn old_patroni_proxy_format_loads_unchanged() {
+        let c = parse(OLD_FORMAT).unwrap();
+        assert_eq!(c.cluster_update_interval, Duration::from_secs(3));
+        assert_eq!(c.listen_address, "127.0.0.1:8009".parse().unwrap());
+        let cl = &c.clusters[0];
+        assert_eq!(cl.name, "my_cluster");
+        assert_eq!(cl.hosts, ["http://192.168.1.1:8008", "http://192.168.1.2:8008"]);
+        let master = &cl.ports[0];
+        assert_eq!(master.name, "master");
+        assert_eq!(master.roles, [PortRole::Leader]);
+        assert_eq!(master.host_port, Some(5432));
+        let replicas = &cl.ports[1];
+        assert_eq!(replicas.roles, [PortRole::Sync, PortRole::Async]);
+        assert_eq!(replicas.max_lag_in_bytes, Some(16_777_216));
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let c = parse("clusters: {}").unwrap();
+        assert_eq!(c.listen_address, DEFAULT_ADMIN_ADDRESS.parse().unwrap());
+        assert_eq!(c.cluster_update_interval, Duration::from_secs(3));
+        assert_eq!(c.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.api_timeout, Duration::from_secs(2));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.topology_ttl, Some(Duration::from_secs(30)));
+        assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.log_level, LevelFilter::Info);
+        assert_eq!(c.tcp_keepalive, Some(Keepalive { idle_secs: 60, interval_secs: 10, count: 6 }));
+    }
+
+    #[test]
+    fn host_port_is_optional_and_wait_has_a_default() {
+        let c = parse(
+            "clusters:\n  c:\n    hosts: [\"http://127.0.0.1:8008/\"]\n    ports:\n      rw: {listen: \"127.0.0.1:7000\", roles: [leader]}\n",
+        )
+        .unwrap();
+        let port = &c.clusters[0].ports[0];
+        assert_eq!(port.host_port, None);
+        assert_eq!(port.backend_wait_timeout, Duration::from_secs(10));
+        assert_eq!(c.clusters[0].hosts, ["http://127.0.0.1:8008"], "trailing slash trimmed");
+    }
+
+    #[test]
+    fn unknown_role_names_the_key_path() {
+        let e = errors(
+            "clusters:\n  main:\n    hosts: [\"http://a:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:6432\", roles: [leeder]}\n",
+        );
+        assert_eq!(
+            e,
+            [r#"clusters.main.ports.rw.roles[0]: unknown role "leeder"; expected leader, sync, async, any or standby_leader"#]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = errors("clusters: {}\nfoo: 1\n");
+        assert!(e[0].contains("unknown field `foo`"), "{e:?}");
+        let e = errors(
+            "clusters:\n  main:\n    hosts: [\"http://a:8008\"]\n    ports:\n      rw: {listn: \"127.0.0.1:6432\", roles: [leader]}\n",
+        );
+        assert!(e[0].starts_with("clusters.main.ports.rw: unknown field `listn`"), "{e:?}");
+    }
+
+    #[test]
+    fn wildcard_listen_clashes_with_specific_address() {
+        let e = errors(
+            "clusters:\n  a:\n    hosts: [\"http://a:8008\"]\n    ports:\n      p1: {listen: \"0.0.0.0:6432\", roles: [leader]}\n  b:\n    hosts: [\"http://b:8008\"]\n    ports:\n      p2: {listen: \"127.0.0.1:6432\", roles: [leader]}\n",
+        );
+        assert_eq!(e, ["clusters.b.ports.p2.listen: 127.0.0.1:6432 clashes with clusters.a.ports.p1.listen"]);
+    }
+
+    #[test]
+    fn listen_clashing_with_admin_address_is_rejected() {
+        let e = errors(
+            "listen_address: 127.0.0.1:7000\nclusters:\n  a:\n    hosts: [\"http://a:8008\"]\n    ports:\n      p: {listen: \"[::]:7000\", roles: [any]}\n",
+        );
+        assert_eq!(e, ["clusters.a.ports.p.listen: [::]:7000 clashes with listen_address"]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let e = errors(
+            "cluster_update_interval: 0\nmax_connections: 0\nclusters:\n  a:\n    hosts: []\n    ports:\n      p: {listen: \"localhost:1\", roles: []}\n  b:\n    hosts: [\"ftp://x\", \"http://\"]\n    ports: {}\n",
+        );
+        let want = [
+            "cluster_update_interval: 0 seconds is out of range",
+            "max_connections: 0 is out of range",
+            "clusters.a.hosts: is empty",
+            "clusters.a.ports.p.listen: \"localhost:1\" is not an ip:port",
+            "clusters.b.hosts[0]: \"ftp://x\" is not an http:// or https:// URL",
+            "clusters.b.hosts[1]: \"http://\" has no host",
+            "clusters.b.ports: is empty",
+        ];
+        for w in want {
+            assert!(e.iter().any(|m| m.starts_with(w)), "missing {w:?} in {e:#?}");
+        }
+    }
+
+    #[test]
+    fn absurd_durations_are_rejected() {
+        for key in ["cluster_update_interval: 100000", "connect_timeout: -1", "api_timeout: .nan"] {
+            let e = errors(&format!("{key}\nclusters: {{}}\n"));
+            assert!(e[0].contains("out of range"), "{key}: {e:?}");
+        }
+        let e = errors("cluster_update_interval: 0.01\nclusters: {}\n");
+        assert_eq!(e, ["cluster_update_interval: must be at least 0.1 seconds"]);
+    }
+
+    #[test]
+    fn duplicate_hosts_and_roles_are_rejected() {
+        let e = errors(
+            "clusters:\n  a:\n    hosts: [\"http://x:8008\", \"HTTP://X:8008/\"]\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [sync, sync]}\n",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("clusters.a.hosts[1]"));
+        assert!(e[1].starts_with("clusters.a.ports.p.roles[1]: role \"sync\" is listed twice"));
+    }
+
+    #[test]
+    fn keepalive_can_be_disabled_or_tuned() {
+        let c = parse("tcp_keepalive: {enabled: false}\nclusters: {}").unwrap();
+        assert_eq!(c.tcp_keepalive, None);
+        let c = parse("tcp_keepalive: {idle: 5, interval: 2, count: 3}\nclusters: {}").unwrap();
+        assert_eq!(c.tcp_keepalive, Some(Keepalive { idle_secs: 5, interval_secs: 2, count: 3 }));
+        let e = errors("tcp_keepalive: {idle: 0}\nclusters: {}");
+        assert_eq!(e, ["tcp_keepalive.idle: 0 is out of range; expected 1 to 32767"]);
+    }
+
+    #[test]
+    fn ttl_zero_disables_staleness() {
+        assert_eq!(parse("topology_ttl: 0\nclusters: {}").unwrap().topology_ttl, None);
+    }
+
+    #[test]
+    fn structural_errors_carry_their_path() {
+        let e = errors("clusters:\n  a:\n    hosts: [\"http://x\"]\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [leader], host_port: 70000}\n");
+        assert!(e[0].starts_with("clusters.a.ports.p.host_port: invalid value"), "{e:?}");
+        assert!(!errors("clusters: [").is_empty());
+        assert!(!errors("").is_empty(), "an empty file lacks `clusters`");
+    }
+}
