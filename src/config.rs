@@ -89,6 +89,20 @@ impl Config {
     }
 }
 
+/// `level` raised by `by` steps (each `-v` on the command line).
+pub fn raise_level(level: LevelFilter, by: u8) -> LevelFilter {
+    const ORDER: [LevelFilter; 6] = [
+        LevelFilter::Off,
+        LevelFilter::Error,
+        LevelFilter::Warn,
+        LevelFilter::Info,
+        LevelFilter::Debug,
+        LevelFilter::Trace,
+    ];
+    let i = ORDER.iter().position(|l| *l == level).unwrap_or(3);
+    ORDER[(i + usize::from(by)).min(ORDER.len() - 1)]
+}
+
 // ---------------------------------------------------------------------------
 // The file as serde sees it.
 

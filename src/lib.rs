@@ -14,3 +14,7 @@ pub mod config;
 pub mod error;
 pub mod patroni;
 pub mod topology;
+pub mod admin;
+pub mod proxy;
+pub mod signals;
+pub mod updater;

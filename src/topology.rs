@@ -337,20 +337,22 @@ pub fn diff(old: Option<&Topology>, new: &Topology) -> Vec<Change> {
     out
 }
 
-/// Least connections with rotating ties: among the candidates (indices for
-/// which `usable` is true) pick the one with the fewest `active`; among
-/// equals, the first at or after `cursor` (wrapping), so equal backends take
-/// turns instead of the first always winning.
-pub fn pick_least(active: &[u32], cursor: usize, usable: impl Fn(usize) -> bool) -> Option<usize> {
-    let n = active.len();
-    let mut best: Option<usize> = None;
+/// Least connections with rotating ties: `load` gives an item's active
+/// count, or `None` when the item may not be picked (already tried). Among
+/// equals, the first at or after `cursor` (wrapping) wins, so equal backends
+/// take turns instead of the first always winning.
+pub fn pick_least<T>(items: &[T], cursor: usize, load: impl Fn(&T) -> Option<u32>) -> Option<usize> {
+    let n = items.len();
+    let mut best: Option<(usize, u32)> = None;
     for k in 0..n {
         let i = (cursor + k) % n;
-        if usable(i) && best.is_none_or(|b| active[i] < active[b]) {
-            best = Some(i);
+        if let Some(l) = load(&items[i]) {
+            if best.is_none_or(|(_, b)| l < b) {
+                best = Some((i, l));
+            }
         }
     }
-    best
+    best.map(|(i, _)| i)
 }
 
 #[cfg(test)]
@@ -516,7 +518,7 @@ mod tests {
 
     #[test]
     fn least_connections_with_rotating_ties() {
-        let all = |_| true;
+        let all = |a: &u32| Some(*a);
         assert_eq!(pick_least(&[], 0, all), None);
         assert_eq!(pick_least(&[3, 1, 2], 0, all), Some(1));
         // Ties: the cursor decides, so sequential picks rotate.
@@ -524,7 +526,7 @@ mod tests {
         assert_eq!(pick_least(&[0, 0, 0], 1, all), Some(1));
         assert_eq!(pick_least(&[0, 0, 0], 5, all), Some(2));
         // Skipped candidates (already tried) are never picked.
-        assert_eq!(pick_least(&[0, 5, 9], 0, |i| i != 0), Some(1));
-        assert_eq!(pick_least(&[0, 5], 0, |_| false), None);
+        assert_eq!(pick_least(&[0, 5, 9], 0, |a| (*a != 0).then_some(*a)), Some(1));
+        assert_eq!(pick_least(&[0, 5], 0, |_| None), None);
     }
 }

@@ -1,0 +1,183 @@
+//! Fixed-size buffers and the pool they come from.
+//!
+//! A [`Buffer`] is a `Box<[u8]>` with two cursors, `start <= end <= cap`:
+//! bytes `start..end` are waiting to be written, `end..cap` is free. When
+//! the free tail is too small to be worth a read, the pending bytes are
+//! moved to the front (compaction), so a buffer never grows.
+//!
+//! Sessions take a buffer from the [`Pool`] only while bytes are in flight
+//! and give it back as soon as it is empty, so an idle connection pair holds
+//! no buffer at all. The pool keeps a bounded number of free buffers.
+
+use std::io::{self, Read};
+
+pub struct Buffer {
+    data: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Buffer {
+    pub fn new(cap: usize) -> Buffer {
+        Buffer { data: vec![0u8; cap].into_boxed_slice(), start: 0, end: 0 }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// No room for another read, even after compaction.
+    pub fn is_full(&self) -> bool {
+        self.len() == self.capacity()
+    }
+
+    /// The pending bytes.
+    pub fn filled(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    /// Marks `n` pending bytes as written.
+    pub fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.start += n.min(self.len());
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        self.check();
+    }
+
+    /// One `read` into the free space; `Ok(0)` is end of stream.
+    pub fn read_from(&mut self, r: &mut impl Read) -> io::Result<usize> {
+        // Compact when less than a quarter is free at the tail.
+        if self.start > 0 && self.capacity() - self.end < self.capacity() / 4 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        debug_assert!(self.end < self.capacity(), "read_from on a full buffer");
+        let n = r.read(&mut self.data[self.end..])?;
+        self.end += n;
+        self.check();
+        Ok(n)
+    }
+
+    fn reset(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    fn check(&self) {
+        debug_assert!(self.start <= self.end && self.end <= self.capacity());
+    }
+}
+
+/// Free buffers of one size, reused so the hot path does not allocate.
+pub struct Pool {
+    size: usize,
+    free: Vec<Buffer>,
+    max_free: usize,
+    /// Buffers handed out and not yet given back.
+    in_use: usize,
+}
+
+impl Pool {
+    pub fn new(size: usize, max_free: usize) -> Pool {
+        Pool { size, free: Vec::new(), max_free, in_use: 0 }
+    }
+
+    pub fn take(&mut self) -> Buffer {
+        self.in_use += 1;
+        self.free.pop().unwrap_or_else(|| Buffer::new(self.size))
+    }
+
+    pub fn give(&mut self, mut b: Buffer) {
+        self.in_use = self.in_use.saturating_sub(1);
+        if b.capacity() == self.size && self.free.len() < self.max_free {
+            b.reset();
+            self.free.push(b);
+        }
+    }
+
+    /// A new buffer size (reload): retained buffers of the old size go.
+    pub fn resize(&mut self, size: usize) {
+        if size != self.size {
+            self.size = size;
+            self.free.clear();
+        }
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.in_use
+    }
+
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_consume_and_compact() {
+        let mut b = Buffer::new(8);
+        assert!(b.is_empty() && !b.is_full());
+        assert_eq!(b.read_from(&mut &b"abcdefgh"[..]).unwrap(), 8);
+        assert!(b.is_full());
+        b.consume(7);
+        assert_eq!(b.filled(), b"h");
+        // Free tail is 0 < 8/4: compaction makes room for 7 more.
+        assert_eq!(b.read_from(&mut &b"1234567xyz"[..]).unwrap(), 7);
+        assert_eq!(b.filled(), b"h1234567");
+        b.consume(8);
+        assert!(b.is_empty());
+        assert_eq!(b.read_from(&mut &b""[..]).unwrap(), 0, "EOF");
+    }
+
+    #[test]
+    fn cursors_hold_under_random_operations() {
+        let mut b = Buffer::new(64);
+        let mut model: Vec<u8> = Vec::new();
+        let mut seed = 12345u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        for i in 0..10_000u32 {
+            if next() % 2 == 0 && !b.is_full() {
+                let data: Vec<u8> = (0..next() % 80).map(|j| (i as usize + j) as u8).collect();
+                let n = b.read_from(&mut &data[..]).unwrap();
+                model.extend_from_slice(&data[..n]);
+            } else {
+                let n = next() % (b.len() + 1);
+                b.consume(n);
+                model.drain(..n);
+            }
+            assert_eq!(b.filled(), &model[..]);
+        }
+    }
+
+    #[test]
+    fn pool_reuses_and_bounds_free_buffers() {
+        let mut p = Pool::new(16, 2);
+        let bufs: Vec<_> = (0..4).map(|_| p.take()).collect();
+        assert_eq!(p.in_use(), 4);
+        for b in bufs {
+            p.give(b);
+        }
+        assert_eq!((p.in_use(), p.free()), (0, 2));
+        p.resize(32);
+        assert_eq!(p.free(), 0);
+        assert_eq!(p.take().capacity(), 32);
+    }
+}

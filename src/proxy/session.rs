@@ -1,0 +1,311 @@
+//! A session: one client socket, one backend socket, one buffer per
+//! direction, and the readiness we have been told about.
+//!
+//! Readiness model (edge-triggered, registered once with READABLE|WRITABLE):
+//! an event sets `readable`/`writable` on its endpoint (close and error hints
+//! count as readable and writable: the next syscall reports the truth); only
+//! a `WouldBlock` or a short read/write clears them. A short read or write
+//! clears the bit too: the kernel raises a new edge for every later arrival
+//! of data or buffer space, so nothing is lost, and we save a syscall that
+//! would only say `WouldBlock` (nginx does the same with EPOLLET).
+//!
+//! Backpressure: a direction stops reading while its buffer is full; the
+//! source's `readable` bit stays set, so reading resumes as soon as the
+//! buffer drains, without needing a new edge.
+//!
+//! Half-close: when a source reaches end of stream and its buffer is
+//! flushed, the destination gets `shutdown(Write)`; the other direction keeps
+//! flowing. The session ends when both directions are shut, or on an error.
+//!
+//! Buffers come from the pool only while bytes are in flight: an idle pair
+//! holds none.
+
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::Instant;
+
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::Registry;
+
+use super::buffer::{Buffer, Pool};
+use super::listener::Target;
+use super::token::Side;
+
+/// One socket of the pair and what we know of it.
+pub struct Endpoint {
+    pub sock: TcpStream,
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer sent FIN (read returned 0).
+    pub read_eof: bool,
+    /// We sent FIN (`shutdown(Write)`).
+    pub write_shut: bool,
+    /// The poll hinted the peer closed or errored (EPOLLRDHUP/HUP/ERR): the
+    /// end of stream may already be queued behind data, with no edge to
+    /// come, so a short read must not clear `readable` (nginx's
+    /// `pending_eof`).
+    pub hup: bool,
+}
+
+impl Endpoint {
+    pub fn new(sock: TcpStream) -> Endpoint {
+        Endpoint { sock, readable: false, writable: false, read_eof: false, write_shut: false, hup: false }
+    }
+
+    fn mark(&mut self, ev: &Event) {
+        let hint = ev.is_error() || ev.is_read_closed() || ev.is_write_closed();
+        self.hup |= ev.is_error() || ev.is_read_closed();
+        self.readable |= ev.is_readable() || hint;
+        self.writable |= ev.is_writable() || hint;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No routable backend yet; the client's bytes wait in `to_backend`.
+    Waiting,
+    /// Non-blocking connect in flight.
+    Connecting,
+    Streaming,
+    Closed,
+}
+
+/// Result of a connect check.
+pub enum Connect {
+    Pending,
+    Done,
+    Failed(io::Error),
+}
+
+/// Result of pumping bytes.
+#[derive(Debug)]
+pub enum Pumped {
+    /// Nothing more to do until the next event.
+    Idle,
+    /// The byte budget ran out with work left: run again soon.
+    Budget,
+    /// One direction is shut, the other still open.
+    HalfClosed,
+    /// Both directions shut: the session is over.
+    Finished,
+    /// A socket failed.
+    Failed(Side, io::Error),
+}
+
+pub struct Session {
+    /// Never reused; for logs and timer checks.
+    pub id: u64,
+    pub listener: usize,
+    pub client_addr: SocketAddr,
+    pub client: Endpoint,
+    pub backend: Option<Endpoint>,
+    pub target: Option<Target>,
+    pub phase: Phase,
+    /// Connect, wait or half-close deadline, depending on the phase.
+    pub deadline: Option<Instant>,
+    /// When the client started waiting for a routable backend.
+    pub waiting_since: Option<Instant>,
+    /// Addresses whose connect failed for this session.
+    pub tried: Vec<SocketAddr>,
+    pub to_backend: Option<Buffer>,
+    pub to_client: Option<Buffer>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// On the run queue already.
+    pub queued: bool,
+}
+
+impl Session {
+    pub fn new(id: u64, listener: usize, client: TcpStream, client_addr: SocketAddr) -> Session {
+        Session {
+            id,
+            listener,
+            client_addr,
+            client: Endpoint::new(client),
+            backend: None,
+            target: None,
+            phase: Phase::Waiting,
+            deadline: None,
+            waiting_since: None,
+            tried: Vec::new(),
+            to_backend: None,
+            to_client: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            queued: false,
+        }
+    }
+
+    pub fn mark(&mut self, side: Side, ev: &Event) {
+        match side {
+            Side::Client => self.client.mark(ev),
+            Side::Backend => {
+                if let Some(b) = self.backend.as_mut() {
+                    b.mark(ev)
+                }
+            }
+        }
+    }
+
+    /// Has the non-blocking connect finished? (mio's procedure: an error
+    /// means failed; a peer address means connected; `NotConnected` means
+    /// not yet.)
+    pub fn check_connect(&mut self) -> Connect {
+        let Some(b) = self.backend.as_mut() else { return Connect::Pending };
+        match b.sock.take_error() {
+            Ok(Some(e)) | Err(e) => return Connect::Failed(e),
+            Ok(None) => {}
+        }
+        match b.sock.peer_addr() {
+            Ok(_) => Connect::Done,
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Connect::Pending,
+            Err(e) => Connect::Failed(e),
+        }
+    }
+
+    /// Drops the backend socket (failed connect or re-route).
+    pub fn drop_backend(&mut self, registry: &Registry) {
+        if let Some(mut b) = self.backend.take() {
+            let _ = registry.deregister(&mut b.sock);
+        }
+    }
+
+    /// Moves bytes both ways, up to `budget` bytes per direction.
+    pub fn pump(&mut self, pool: &mut Pool, budget: usize) -> Pumped {
+        let connected = self.phase == Phase::Streaming;
+        let Some(backend) = self.backend.as_mut().filter(|_| connected) else {
+            // Waiting or connecting: only collect what the client sends.
+            return match transfer(&mut self.client, None, &mut self.to_backend, pool, budget) {
+                Ok((n, _)) => {
+                    self.bytes_up += n as u64;
+                    Pumped::Idle
+                }
+                Err(e) => Pumped::Failed(Side::Client, e.error),
+            };
+        };
+        let up = match transfer(&mut self.client, Some(backend), &mut self.to_backend, pool, budget) {
+            Ok(r) => r,
+            Err(e) => return Pumped::Failed(e.side, e.error),
+        };
+        let down = match transfer(backend, Some(&mut self.client), &mut self.to_client, pool, budget) {
+            Ok(r) => r,
+            Err(e) => return Pumped::Failed(e.side.flip(), e.error),
+        };
+        self.bytes_up += up.0 as u64;
+        self.bytes_down += down.0 as u64;
+        let up_done = self.client.read_eof && backend.write_shut;
+        let down_done = backend.read_eof && self.client.write_shut;
+        match (up_done, down_done) {
+            (true, true) => Pumped::Finished,
+            _ if up.1 || down.1 => Pumped::Budget,
+            (true, false) | (false, true) => Pumped::HalfClosed,
+            (false, false) => Pumped::Idle,
+        }
+    }
+
+    /// Deregisters both sockets and gives back buffers. Sockets close when
+    /// the session is dropped (at the reap step).
+    pub fn close(&mut self, registry: &Registry, pool: &mut Pool) {
+        let _ = registry.deregister(&mut self.client.sock);
+        self.drop_backend(registry);
+        for slot in [&mut self.to_backend, &mut self.to_client] {
+            if let Some(b) = slot.take() {
+                pool.give(b);
+            }
+        }
+        self.phase = Phase::Closed;
+    }
+}
+
+/// Which end of a transfer failed, relative to the call.
+struct TransferError {
+    side: Side,
+    error: io::Error,
+}
+
+impl Side {
+    fn flip(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+}
+
+/// Copies from `src` into `slot` and from `slot` into `dst` (if any) until
+/// neither can progress or `budget` bytes were read. Returns the bytes read
+/// and whether the budget stopped it. `TransferError::side` is `Client` for
+/// `src` and `Backend` for `dst`.
+fn transfer(
+    src: &mut Endpoint,
+    mut dst: Option<&mut Endpoint>,
+    slot: &mut Option<Buffer>,
+    pool: &mut Pool,
+    budget: usize,
+) -> Result<(usize, bool), TransferError> {
+    let src_err = |error| TransferError { side: Side::Client, error };
+    let dst_err = |error| TransferError { side: Side::Backend, error };
+    let mut moved = 0;
+    loop {
+        let mut progress = false;
+        if src.readable && !src.read_eof && !slot.as_ref().is_some_and(Buffer::is_full) {
+            let buf = slot.get_or_insert_with(|| pool.take());
+            let room = buf.capacity() - buf.len();
+            match buf.read_from(&mut src.sock) {
+                Ok(0) => {
+                    src.read_eof = true;
+                    progress = true;
+                }
+                Ok(n) => {
+                    moved += n;
+                    progress = true;
+                    // A short read drained the socket (module docs), unless
+                    // an end of stream is pending behind the data.
+                    if n < room && !src.hup {
+                        src.readable = false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => src.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                Err(e) => return Err(src_err(e)),
+            }
+        }
+        if let Some(dst) = dst.as_deref_mut() {
+            if let Some(buf) = slot.as_mut().filter(|b| !b.is_empty() && dst.writable) {
+                let want = buf.len();
+                match dst.sock.write(buf.filled()) {
+                    Ok(0) => return Err(dst_err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        buf.consume(n);
+                        progress = true;
+                        if n < want {
+                            dst.writable = false;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                    Err(e) => return Err(dst_err(e)),
+                }
+            }
+        }
+        if slot.as_ref().is_some_and(Buffer::is_empty) {
+            pool.give(slot.take().expect("checked above"));
+        }
+        if let Some(dst) = dst.as_deref_mut() {
+            // Everything the source sent has been passed on: pass the FIN on.
+            if src.read_eof && slot.is_none() && !dst.write_shut {
+                dst.write_shut = true;
+                // ENOTCONN here means the peer is already gone; the next
+                // read or write on it reports that properly.
+                let _ = dst.sock.shutdown(Shutdown::Write);
+            }
+        }
+        if !progress {
+            return Ok((moved, false));
+        }
+        if moved >= budget {
+            return Ok((moved, true));
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Deadlines for the event loop (mio has no timers).
+//!
+//! A min-heap of `(Instant, Timer)`. Cancellation is lazy: an entry is never
+//! removed early; when it fires, the owner checks whether the deadline still
+//! applies (a session compares its id and its current deadline). The poll
+//! timeout is the time to the earliest entry.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
+
+/// What a deadline belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Timer {
+    /// A session's connect, wait or half-close deadline (slab key, id).
+    Session(usize, u64),
+    /// An admin connection's idle or refresh deadline (slab key, id).
+    Admin(usize, u64),
+    /// Resume accepting after running out of file descriptors.
+    AcceptResume,
+    /// Once a second: staleness, dead updaters.
+    Housekeeping,
+    /// The SIGTERM drain deadline.
+    Drain,
+}
+
+#[derive(Default)]
+pub struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, Timer)>>,
+}
+
+impl Timers {
+    pub fn add(&mut self, at: Instant, t: Timer) {
+        self.heap.push(Reverse((at, t)));
+    }
+
+    /// How long `poll` may sleep; `None` when nothing is due.
+    pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        self.heap.peek().map(|Reverse((at, _))| at.saturating_duration_since(now))
+    }
+
+    /// The timers due at `now`, earliest first.
+    pub fn expired(&mut self, now: Instant) -> Vec<Timer> {
+        let mut out = Vec::new();
+        while let Some(Reverse((at, t))) = self.heap.peek() {
+            if *at > now {
+                break;
+            }
+            out.push(*t);
+            self.heap.pop();
+        }
+        out
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.heap.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fires_in_order_and_sets_the_timeout() {
+        let now = Instant::now();
+        let mut t = Timers::default();
+        assert_eq!(t.next_timeout(now), None);
+        t.add(now + Duration::from_secs(2), Timer::Drain);
+        t.add(now + Duration::from_secs(1), Timer::Session(3, 9));
+        t.add(now + Duration::from_secs(5), Timer::Housekeeping);
+        assert_eq!(t.next_timeout(now), Some(Duration::from_secs(1)));
+        assert_eq!(t.expired(now), vec![]);
+        assert_eq!(t.expired(now + Duration::from_secs(2)), vec![Timer::Session(3, 9), Timer::Drain]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.next_timeout(now + Duration::from_secs(9)), Some(Duration::ZERO));
+    }
+}

@@ -1,0 +1,93 @@
+//! The token layout of the poll: one place, round-trip tested.
+//!
+//! Low tokens are fixed; listeners, admin connections and sessions each get
+//! a range far from the others. A session owns two tokens (client side and
+//! backend side), `SESSION_BASE + 2 * key + side`. A token that decodes to
+//! nothing is ignored, as a spurious event is.
+
+use mio::Token;
+
+pub const WAKER: Token = Token(0);
+pub const SIGNALS: Token = Token(1);
+pub const ADMIN_LISTENER: Token = Token(2);
+
+const LISTENER_BASE: usize = 16;
+const ADMIN_BASE: usize = 1 << 16;
+const SESSION_BASE: usize = 1 << 20;
+
+/// Most listeners and admin connections the ranges hold.
+pub const MAX_LISTENERS: usize = ADMIN_BASE - LISTENER_BASE;
+pub const MAX_ADMIN_CONNS: usize = SESSION_BASE - ADMIN_BASE;
+
+/// Which socket of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+/// What a token stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Waker,
+    Signals,
+    AdminListener,
+    Listener(usize),
+    Admin(usize),
+    Session(usize, Side),
+}
+
+pub fn listener(key: usize) -> Token {
+    debug_assert!(key < MAX_LISTENERS);
+    Token(LISTENER_BASE + key)
+}
+
+pub fn admin(key: usize) -> Token {
+    debug_assert!(key < MAX_ADMIN_CONNS);
+    Token(ADMIN_BASE + key)
+}
+
+pub fn session(key: usize, side: Side) -> Token {
+    Token(SESSION_BASE + 2 * key + usize::from(side == Side::Backend))
+}
+
+pub fn decode(token: Token) -> Option<Target> {
+    let t = token.0;
+    Some(match t {
+        0 => Target::Waker,
+        1 => Target::Signals,
+        2 => Target::AdminListener,
+        _ if t < LISTENER_BASE => return None,
+        _ if t < ADMIN_BASE => Target::Listener(t - LISTENER_BASE),
+        _ if t < SESSION_BASE => Target::Admin(t - ADMIN_BASE),
+        _ => {
+            let k = t - SESSION_BASE;
+            let side = if k % 2 == 0 { Side::Client } else { Side::Backend };
+            Target::Session(k / 2, side)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        assert_eq!(decode(WAKER), Some(Target::Waker));
+        assert_eq!(decode(SIGNALS), Some(Target::Signals));
+        assert_eq!(decode(ADMIN_LISTENER), Some(Target::AdminListener));
+        assert_eq!(decode(Token(3)), None);
+        for k in [0, 1, 7, MAX_LISTENERS - 1] {
+            assert_eq!(decode(listener(k)), Some(Target::Listener(k)));
+        }
+        for k in [0, 5, MAX_ADMIN_CONNS - 1] {
+            assert_eq!(decode(admin(k)), Some(Target::Admin(k)));
+        }
+        for k in [0, 1, 2, 1 << 30] {
+            for side in [Side::Client, Side::Backend] {
+                assert_eq!(decode(session(k, side)), Some(Target::Session(k, side)));
+            }
+        }
+    }
+}

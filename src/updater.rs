@@ -1,0 +1,336 @@
+//! One blocking thread per cluster that polls Patroni's `GET /cluster`.
+//!
+//! The thread owns everything that may block: HTTP (ureq, with explicit
+//! timeouts and no proxy taken from the environment) and DNS resolution of
+//! member hosts. It sends each poll's outcome to the event loop as an
+//! [`Update`] and then calls the loop's wake function (send, then wake: the
+//! loop drains the channel on every wake-up, and wake-ups coalesce).
+//!
+//! Polling rhythm: every `interval`, measured from the start of one poll to
+//! the start of the next; every [`FAST_POLL`] while the cluster has no leader
+//! and for [`FAST_WINDOW`] after any change, so a failover or switchover is
+//! seen within a fraction of a second of Patroni showing it. A
+//! [`UpdaterCommand::RefreshNow`] polls at once.
+//!
+//! Hosts are tried in configuration order until one answers with a usable
+//! body; a host that failed is tried after the others for [`HOST_PENALTY`],
+//! so a hung first host does not cost a timeout on every poll.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, ToSocketAddrs};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::patroni;
+use crate::topology::Topology;
+
+/// Poll period while the cluster has no leader or just changed.
+pub const FAST_POLL: Duration = Duration::from_millis(250);
+/// How long to keep polling fast after a change.
+pub const FAST_WINDOW: Duration = Duration::from_secs(5);
+/// How long a failed host goes to the back of the line.
+pub const HOST_PENALTY: Duration = Duration::from_secs(10);
+/// Largest `/cluster` body accepted (a 100-member cluster is about 60 KiB).
+pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
+/// How long a resolved member host name is reused.
+const DNS_CACHE: Duration = Duration::from_secs(30);
+/// How often a failure that persists is logged again at warn level.
+const FAILURE_REMINDER: Duration = Duration::from_secs(60);
+
+/// A message from an updater thread to the event loop.
+#[derive(Debug)]
+pub struct Update {
+    /// Which updater instance sent it (a reload may replace one).
+    pub updater: u64,
+    pub cluster: String,
+    pub outcome: Result<Polled, String>,
+    /// The `RefreshNow` requests this poll answers.
+    pub requests: Vec<u64>,
+}
+
+/// A successful poll.
+#[derive(Debug)]
+pub struct Polled {
+    /// The host that answered.
+    pub host: String,
+    /// The new topology, or `None` when it equals the last one sent.
+    pub topology: Option<Topology>,
+}
+
+/// A message from the event loop to an updater thread.
+#[derive(Debug)]
+pub enum UpdaterCommand {
+    /// Poll now; the answering `Update` carries this request id.
+    RefreshNow(u64),
+    Shutdown,
+}
+
+/// What an updater needs to know; a change of any of it restarts the thread.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub hosts: Vec<String>,
+    pub interval: Duration,
+    pub api_timeout: Duration,
+}
+
+/// The event loop's wake function (a `mio::Waker` behind a closure).
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// The loop's handle on one updater thread.
+pub struct Handle {
+    pub id: u64,
+    pub settings: Settings,
+    commands: Sender<UpdaterCommand>,
+    thread: JoinHandle<()>,
+}
+
+impl Handle {
+    /// Starts the thread; it polls at once.
+    pub fn spawn(
+        id: u64,
+        cluster: &str,
+        settings: Settings,
+        updates: Sender<Update>,
+        wake: Wake,
+    ) -> std::io::Result<Handle> {
+        let (commands, rx) = std::sync::mpsc::channel();
+        let mut worker = Worker::new(id, cluster.to_string(), settings.clone(), updates, wake);
+        let thread = std::thread::Builder::new()
+            .name(format!("updater-{cluster}"))
+            .spawn(move || worker.run(rx))?;
+        Ok(Handle { id, settings, commands, thread })
+    }
+
+    /// Asks for a poll now. False when the thread is gone.
+    pub fn refresh(&self, request: u64) -> bool {
+        self.commands.send(UpdaterCommand::RefreshNow(request)).is_ok()
+    }
+
+    /// True when the thread has ended (it only ends on `Shutdown`, so this
+    /// means it panicked).
+    pub fn is_dead(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Tells the thread to stop. It is not joined: it may be inside an HTTP
+    /// request for up to `api_timeout`, and nothing waits on it.
+    pub fn stop(self) {
+        let _ = self.commands.send(UpdaterCommand::Shutdown);
+    }
+}
+
+struct Worker {
+    id: u64,
+    cluster: String,
+    settings: Settings,
+    updates: Sender<Update>,
+    wake: Wake,
+    agent: ureq::Agent,
+    /// Last topology sent to the loop.
+    last: Option<Topology>,
+    last_skipped: Vec<String>,
+    fast_until: Option<Instant>,
+    /// When each host last failed.
+    failed_at: HashMap<String, Instant>,
+    dns: HashMap<String, (Option<IpAddr>, Instant)>,
+    /// First failure of the current run of failures, and the last warn.
+    failing_since: Option<(Instant, Instant)>,
+}
+
+impl Worker {
+    fn new(id: u64, cluster: String, settings: Settings, updates: Sender<Update>, wake: Wake) -> Worker {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(settings.api_timeout))
+            .timeout_connect(Some(settings.api_timeout))
+            .http_status_as_error(false)
+            // Patroni's API is reached directly; HTTP_PROXY must not hijack it.
+            .proxy(None)
+            .max_redirects(0)
+            .user_agent(concat!("patroni-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Worker {
+            id,
+            cluster,
+            settings,
+            updates,
+            wake,
+            agent,
+            last: None,
+            last_skipped: Vec::new(),
+            fast_until: None,
+            failed_at: HashMap::new(),
+            dns: HashMap::new(),
+            failing_since: None,
+        }
+    }
+
+    fn run(&mut self, commands: Receiver<UpdaterCommand>) {
+        let mut requests = Vec::new();
+        loop {
+            let started = Instant::now();
+            let outcome = self.poll_once();
+            let update = Update {
+                updater: self.id,
+                cluster: self.cluster.clone(),
+                outcome,
+                requests: std::mem::take(&mut requests),
+            };
+            if self.updates.send(update).is_err() {
+                return; // the loop is gone
+            }
+            (self.wake)();
+
+            let next = started + self.period();
+            loop {
+                let wait = next.saturating_duration_since(Instant::now());
+                match commands.recv_timeout(wait) {
+                    Ok(UpdaterCommand::RefreshNow(id)) => {
+                        requests.push(id);
+                        // Collect requests that arrived together: one poll answers all.
+                        while let Ok(cmd) = commands.try_recv() {
+                            match cmd {
+                                UpdaterCommand::RefreshNow(id) => requests.push(id),
+                                UpdaterCommand::Shutdown => return,
+                            }
+                        }
+                        break;
+                    }
+                    Ok(UpdaterCommand::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Timeout) => break,
+                }
+            }
+        }
+    }
+
+    fn period(&self) -> Duration {
+        let leaderless = self.last.as_ref().is_some_and(|t| t.leader().is_none());
+        let recent_change = self.fast_until.is_some_and(|t| Instant::now() < t);
+        if leaderless || recent_change {
+            FAST_POLL.min(self.settings.interval)
+        } else {
+            self.settings.interval
+        }
+    }
+
+    /// Tries the hosts until one answers; resolves member addresses.
+    fn poll_once(&mut self) -> Result<Polled, String> {
+        let now = Instant::now();
+        let mut order: Vec<&String> = self.settings.hosts.iter().collect();
+        // Stable sort: hosts in penalty go last, config order otherwise kept.
+        order.sort_by_key(|h| self.failed_at.get(*h).is_some_and(|t| now.duration_since(*t) < HOST_PENALTY));
+        let order: Vec<String> = order.into_iter().cloned().collect();
+
+        let mut errors = Vec::new();
+        for host in order {
+            match self.fetch(&host) {
+                Ok(parsed) => {
+                    self.failed_at.remove(&host);
+                    if parsed.skipped != self.last_skipped {
+                        for s in &parsed.skipped {
+                            warn!("cluster={} host={host} skipped malformed member {s}", self.cluster);
+                        }
+                        self.last_skipped = parsed.skipped;
+                    }
+                    let mut topology = parsed.topology;
+                    self.resolve(&mut topology);
+                    self.recovered(&host, &errors);
+                    let changed = self.last.as_ref() != Some(&topology);
+                    if changed {
+                        self.fast_until = Some(Instant::now() + FAST_WINDOW);
+                        self.last = Some(topology.clone());
+                    }
+                    return Ok(Polled { host, topology: changed.then_some(topology) });
+                }
+                Err(e) => {
+                    debug!("cluster={} host={host} poll failed: {e}", self.cluster);
+                    self.failed_at.insert(host.clone(), Instant::now());
+                    errors.push(format!("{host}: {e}"));
+                }
+            }
+        }
+        let msg = if errors.is_empty() { "no hosts configured".to_string() } else { errors.join("; ") };
+        self.failing(&msg);
+        Err(msg)
+    }
+
+    fn fetch(&self, host: &str) -> Result<patroni::Parsed, String> {
+        let url = format!("{host}/cluster");
+        let mut resp = self.agent.get(&url).call().map_err(|e| e.to_string())?;
+        let status = resp.status();
+        if status != 200 {
+            return Err(format!("HTTP status {}", status.as_u16()));
+        }
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY_BYTES)
+            .read_to_vec()
+            .map_err(|e| format!("reading body: {e}"))?;
+        patroni::parse(&body)
+    }
+
+    /// Fills in `ip` for every member with a host: IP literals directly,
+    /// names through the system resolver (cached for [`DNS_CACHE`]).
+    fn resolve(&mut self, topo: &mut Topology) {
+        let now = Instant::now();
+        for m in &mut topo.members {
+            let Some(host) = m.host.as_deref() else { continue };
+            let literal = host.trim_start_matches('[').trim_end_matches(']');
+            if let Ok(ip) = literal.parse::<IpAddr>() {
+                m.ip = Some(ip);
+                continue;
+            }
+            if let Some((ip, at)) = self.dns.get(host) {
+                if now.duration_since(*at) < DNS_CACHE {
+                    m.ip = *ip;
+                    continue;
+                }
+            }
+            let ip = match (host, 0u16).to_socket_addrs() {
+                Ok(mut addrs) => addrs.next().map(|a| a.ip()),
+                Err(e) => {
+                    warn!("cluster={} member={} cannot resolve host {host:?}: {e}", self.cluster, m.name);
+                    None
+                }
+            };
+            self.dns.insert(host.to_string(), (ip, now));
+            m.ip = ip;
+        }
+    }
+
+    fn failing(&mut self, msg: &str) {
+        let now = Instant::now();
+        match self.failing_since {
+            None => {
+                warn!("cluster={} Patroni API unreachable: {msg}", self.cluster);
+                self.failing_since = Some((now, now));
+            }
+            Some((since, last_warn)) if now.duration_since(last_warn) >= FAILURE_REMINDER => {
+                warn!(
+                    "cluster={} Patroni API still unreachable after {}s: {msg}",
+                    self.cluster,
+                    now.duration_since(since).as_secs()
+                );
+                self.failing_since = Some((since, now));
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn recovered(&mut self, host: &str, errors: &[String]) {
+        if let Some((since, _)) = self.failing_since.take() {
+            info!(
+                "cluster={} Patroni API reachable again via {host} after {:.1}s",
+                self.cluster,
+                since.elapsed().as_secs_f64()
+            );
+        } else if !errors.is_empty() {
+            debug!("cluster={} answered by {host} after: {}", self.cluster, errors.join("; "));
+        }
+    }
+}
