@@ -25,8 +25,11 @@ pub enum Route {
 
 impl Route {
     /// Every route with its path, for the man page drift test and 404s.
-    pub const ALL: [(&'static str, Route); 3] =
-        [("/", Route::Root), ("/update_clusters", Route::UpdateClusters), ("/clusters", Route::Clusters)];
+    pub const ALL: [(&'static str, Route); 3] = [
+        ("/", Route::Root),
+        ("/update_clusters", Route::UpdateClusters),
+        ("/clusters", Route::Clusters),
+    ];
 }
 
 /// A parsed request.
@@ -64,7 +67,8 @@ pub fn parse_request(buf: &[u8]) -> Parse {
     let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let request_line = lines.next().unwrap_or("");
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return bad("malformed request line");
     };
@@ -79,11 +83,16 @@ pub fn parse_request(buf: &[u8]) -> Parse {
     let head_only = match method {
         "GET" => false,
         "HEAD" => true,
-        _ => return Parse::Reject(Response::text(405, "only GET and HEAD are supported\n").allow()),
+        _ => {
+            return Parse::Reject(Response::text(405, "only GET and HEAD are supported\n").allow())
+        }
     };
     let path = target.split(['?', '#']).next().unwrap_or("");
     match Route::ALL.iter().find(|(p, _)| *p == path) {
-        Some((_, route)) => Parse::Ok(Request { head_only, route: *route }),
+        Some((_, route)) => Parse::Ok(Request {
+            head_only,
+            route: *route,
+        }),
         None => Parse::Reject(Response::text(404, "not found\n").head_only(head_only)),
     }
 }
@@ -127,7 +136,13 @@ impl Response {
     }
 
     pub fn json(status: u16, body: Vec<u8>) -> Response {
-        Response { status, content_type: "application/json", body, head_only: false, allow: false }
+        Response {
+            status,
+            content_type: "application/json",
+            body,
+            head_only: false,
+            allow: false,
+        }
     }
 
     /// Render only the head (for HEAD requests).
@@ -196,15 +211,24 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(ok("GET / HTTP/1.1\r\nHost: x\r\n\r\n").route, Route::Root);
-        assert_eq!(ok("GET /update_clusters HTTP/1.0\r\n\r\n").route, Route::UpdateClusters);
-        assert_eq!(ok("GET /clusters?pretty=1 HTTP/1.1\r\n\r\n").route, Route::Clusters);
+        assert_eq!(
+            ok("GET /update_clusters HTTP/1.0\r\n\r\n").route,
+            Route::UpdateClusters
+        );
+        assert_eq!(
+            ok("GET /clusters?pretty=1 HTTP/1.1\r\n\r\n").route,
+            Route::Clusters
+        );
         assert!(ok("HEAD / HTTP/1.1\n\n").head_only);
     }
 
     #[test]
     fn partial_input_waits_for_more() {
         assert_eq!(parse_request(b""), Parse::Incomplete);
-        assert_eq!(parse_request(b"GET / HTTP/1.1\r\nHost: x\r\n"), Parse::Incomplete);
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+            Parse::Incomplete
+        );
     }
 
     #[test]

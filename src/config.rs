@@ -80,12 +80,18 @@ impl Config {
     /// The settings an updater thread of `cluster` depends on; when they
     /// change on reload, that updater is restarted.
     pub fn updater_settings(&self, cluster: &ClusterConfig) -> (Vec<String>, Duration, Duration) {
-        (cluster.hosts.clone(), self.cluster_update_interval, self.api_timeout)
+        (
+            cluster.hosts.clone(),
+            self.cluster_update_interval,
+            self.api_timeout,
+        )
     }
 
     /// Every listening address in the file, with the port's display name.
     pub fn ports(&self) -> impl Iterator<Item = (&ClusterConfig, &PortConfig)> {
-        self.clusters.iter().flat_map(|c| c.ports.iter().map(move |p| (c, p)))
+        self.clusters
+            .iter()
+            .flat_map(|c| c.ports.iter().map(move |p| (c, p)))
     }
 }
 
@@ -177,14 +183,16 @@ impl Problems {
     /// allowed only when `allow_zero`).
     fn seconds(&mut self, path: &str, v: Option<f64>, default: f64, allow_zero: bool) -> Duration {
         let v = v.unwrap_or(default);
-        let ok = v.is_finite()
-            && v <= MAX_SECONDS
-            && if allow_zero { v >= 0.0 } else { v >= 0.001 };
+        let ok =
+            v.is_finite() && v <= MAX_SECONDS && if allow_zero { v >= 0.0 } else { v >= 0.001 };
         if ok {
             Duration::from_secs_f64(v)
         } else {
             let low = if allow_zero { "0" } else { "0.001" };
-            self.add(path, format!("{v} seconds is out of range; expected {low} to {MAX_SECONDS}"));
+            self.add(
+                path,
+                format!("{v} seconds is out of range; expected {low} to {MAX_SECONDS}"),
+            );
             Duration::from_secs_f64(default)
         }
     }
@@ -193,18 +201,35 @@ impl Problems {
 fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     let mut p = Problems(Vec::new());
 
-    let interval = p.seconds("cluster_update_interval", raw.cluster_update_interval, 3.0, false);
+    let interval = p.seconds(
+        "cluster_update_interval",
+        raw.cluster_update_interval,
+        3.0,
+        false,
+    );
     if interval < Duration::from_millis(100) {
         p.add("cluster_update_interval", "must be at least 0.1 seconds");
     }
-    let listen_address = match parse_listen(raw.listen_address.as_deref().unwrap_or(DEFAULT_ADMIN_ADDRESS)) {
+    let listen_address = match parse_listen(
+        raw.listen_address
+            .as_deref()
+            .unwrap_or(DEFAULT_ADMIN_ADDRESS),
+    ) {
         Ok(a) => a,
         Err(e) => {
             p.add("listen_address", e);
-            DEFAULT_ADMIN_ADDRESS.parse().expect("default admin address parses")
+            DEFAULT_ADMIN_ADDRESS
+                .parse()
+                .expect("default admin address parses")
         }
     };
-    let log_level = match raw.log_level.as_deref().unwrap_or("info").to_ascii_lowercase().as_str() {
+    let log_level = match raw
+        .log_level
+        .as_deref()
+        .unwrap_or("info")
+        .to_ascii_lowercase()
+        .as_str()
+    {
         "off" => LevelFilter::Off,
         "error" => LevelFilter::Error,
         "warn" | "warning" => LevelFilter::Warn,
@@ -212,7 +237,10 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         "debug" => LevelFilter::Debug,
         "trace" => LevelFilter::Trace,
         other => {
-            p.add("log_level", format!("unknown level {other:?}; expected off, error, warn, info, debug or trace"));
+            p.add(
+                "log_level",
+                format!("unknown level {other:?}; expected off, error, warn, info, debug or trace"),
+            );
             LevelFilter::Info
         }
     };
@@ -224,15 +252,24 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
 
     let max_connections = raw.max_connections.unwrap_or(10_000);
     if !(1..=1_000_000).contains(&max_connections) {
-        p.add("max_connections", format!("{max_connections} is out of range; expected 1 to 1000000"));
+        p.add(
+            "max_connections",
+            format!("{max_connections} is out of range; expected 1 to 1000000"),
+        );
     }
     let buffer_size = raw.buffer_size.unwrap_or(32 * 1024);
     if !(1024..=1024 * 1024).contains(&buffer_size) {
-        p.add("buffer_size", format!("{buffer_size} bytes is out of range; expected 1024 to 1048576"));
+        p.add(
+            "buffer_size",
+            format!("{buffer_size} bytes is out of range; expected 1024 to 1048576"),
+        );
     }
     let listen_backlog = raw.listen_backlog.unwrap_or(1024);
     if !(1..=65_535).contains(&listen_backlog) {
-        p.add("listen_backlog", format!("{listen_backlog} is out of range; expected 1 to 65535"));
+        p.add(
+            "listen_backlog",
+            format!("{listen_backlog} is out of range; expected 1 to 65535"),
+        );
     }
     let tcp_keepalive = keepalive(&mut p, raw.tcp_keepalive);
 
@@ -263,11 +300,19 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
 }
 
 fn keepalive(p: &mut Problems, raw: Option<RawKeepalive>) -> Option<Keepalive> {
-    let raw = raw.unwrap_or(RawKeepalive { enabled: None, idle: None, interval: None, count: None });
+    let raw = raw.unwrap_or(RawKeepalive {
+        enabled: None,
+        idle: None,
+        interval: None,
+        count: None,
+    });
     let mut field = |name: &str, v: Option<u32>, default: u32, max: u32| {
         let v = v.unwrap_or(default);
         if !(1..=max).contains(&v) {
-            p.add(&format!("tcp_keepalive.{name}"), format!("{v} is out of range; expected 1 to {max}"));
+            p.add(
+                &format!("tcp_keepalive.{name}"),
+                format!("{v} is out of range; expected 1 to {max}"),
+            );
         }
         v
     };
@@ -282,7 +327,10 @@ fn keepalive(p: &mut Problems, raw: Option<RawKeepalive>) -> Option<Keepalive> {
 fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
     let path = format!("clusters.{name}");
     if rc.hosts.is_empty() {
-        p.add(&format!("{path}.hosts"), "is empty; list at least one Patroni REST API URL");
+        p.add(
+            &format!("{path}.hosts"),
+            "is empty; list at least one Patroni REST API URL",
+        );
     }
     let mut hosts: Vec<String> = Vec::new();
     for (i, h) in rc.hosts.iter().enumerate() {
@@ -299,7 +347,10 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
         }
     }
     if rc.ports.is_empty() {
-        p.add(&format!("{path}.ports"), "is empty; define at least one port");
+        p.add(
+            &format!("{path}.ports"),
+            "is empty; define at least one port",
+        );
     }
     let mut ports = Vec::new();
     for (pname, rp) in rc.ports {
@@ -312,23 +363,32 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
             }
         };
         if rp.roles.is_empty() {
-            p.add(&format!("{pp}.roles"), "is empty; expected one or more of leader, sync, async, any");
+            p.add(
+                &format!("{pp}.roles"),
+                "is empty; expected one or more of leader, sync, async, any",
+            );
         }
         let mut roles = Vec::new();
         for (i, r) in rp.roles.iter().enumerate() {
             match PortRole::parse(r) {
-                Some(role) if roles.contains(&role) => {
-                    p.add(&format!("{pp}.roles[{i}]"), format!("role {r:?} is listed twice"))
-                }
+                Some(role) if roles.contains(&role) => p.add(
+                    &format!("{pp}.roles[{i}]"),
+                    format!("role {r:?} is listed twice"),
+                ),
                 Some(role) => roles.push(role),
                 None => p.add(
                     &format!("{pp}.roles[{i}]"),
-                    format!("unknown role {r:?}; expected leader, sync, async, any or standby_leader"),
+                    format!(
+                        "unknown role {r:?}; expected leader, sync, async, any or standby_leader"
+                    ),
                 ),
             }
         }
         if rp.host_port == Some(0) {
-            p.add(&format!("{pp}.host_port"), "0 is not a usable port; omit the key to use each member's own port");
+            p.add(
+                &format!("{pp}.host_port"),
+                "0 is not a usable port; omit the key to use each member's own port",
+            );
         }
         let wait_path = format!("{pp}.backend_wait_timeout");
         let backend_wait_timeout = p.seconds(&wait_path, rp.backend_wait_timeout, 10.0, true);
@@ -366,7 +426,9 @@ fn check_api_url(url: &str) -> Result<String, String> {
         return Err(format!("{url:?} has no host"));
     }
     if rest.contains(['?', '#', ' ']) {
-        return Err(format!("{url:?} must not contain a query, fragment or spaces"));
+        return Err(format!(
+            "{url:?} must not contain a query, fragment or spaces"
+        ));
     }
     Ok(trimmed.trim_end_matches('/').to_string())
 }
@@ -430,7 +492,10 @@ clusters:
         assert_eq!(c.listen_address, "127.0.0.1:8009".parse().unwrap());
         let cl = &c.clusters[0];
         assert_eq!(cl.name, "my_cluster");
-        assert_eq!(cl.hosts, ["http://192.168.1.1:8008", "http://192.168.1.2:8008"]);
+        assert_eq!(
+            cl.hosts,
+            ["http://192.168.1.1:8008", "http://192.168.1.2:8008"]
+        );
         let master = &cl.ports[0];
         assert_eq!(master.name, "master");
         assert_eq!(master.roles, [PortRole::Leader]);
@@ -451,7 +516,14 @@ clusters:
         assert_eq!(c.topology_ttl, Some(Duration::from_secs(30)));
         assert_eq!(c.max_connections, 10_000);
         assert_eq!(c.log_level, LevelFilter::Info);
-        assert_eq!(c.tcp_keepalive, Some(Keepalive { idle_secs: 60, interval_secs: 10, count: 6 }));
+        assert_eq!(
+            c.tcp_keepalive,
+            Some(Keepalive {
+                idle_secs: 60,
+                interval_secs: 10,
+                count: 6
+            })
+        );
     }
 
     #[test]
@@ -463,7 +535,11 @@ clusters:
         let port = &c.clusters[0].ports[0];
         assert_eq!(port.host_port, None);
         assert_eq!(port.backend_wait_timeout, Duration::from_secs(10));
-        assert_eq!(c.clusters[0].hosts, ["http://127.0.0.1:8008"], "trailing slash trimmed");
+        assert_eq!(
+            c.clusters[0].hosts,
+            ["http://127.0.0.1:8008"],
+            "trailing slash trimmed"
+        );
     }
 
     #[test]
@@ -473,7 +549,9 @@ clusters:
         );
         assert_eq!(
             e,
-            [r#"clusters.main.ports.rw.roles[0]: unknown role "leeder"; expected leader, sync, async, any or standby_leader"#]
+            [
+                r#"clusters.main.ports.rw.roles[0]: unknown role "leeder"; expected leader, sync, async, any or standby_leader"#
+            ]
         );
     }
 
@@ -484,7 +562,10 @@ clusters:
         let e = errors(
             "clusters:\n  main:\n    hosts: [\"http://a:8008\"]\n    ports:\n      rw: {listn: \"127.0.0.1:6432\", roles: [leader]}\n",
         );
-        assert!(e[0].starts_with("clusters.main.ports.rw: unknown field `listn`"), "{e:?}");
+        assert!(
+            e[0].starts_with("clusters.main.ports.rw: unknown field `listn`"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -500,7 +581,10 @@ clusters:
         let e = errors(
             "listen_address: 127.0.0.1:7000\nclusters:\n  a:\n    hosts: [\"http://a:8008\"]\n    ports:\n      p: {listen: \"[::]:7000\", roles: [any]}\n",
         );
-        assert_eq!(e, ["clusters.a.ports.p.listen: [::]:7000 clashes with listen_address"]);
+        assert_eq!(
+            e,
+            ["clusters.a.ports.p.listen: [::]:7000 clashes with listen_address"]
+        );
     }
 
     #[test]
@@ -518,13 +602,20 @@ clusters:
             "clusters.b.ports: is empty",
         ];
         for w in want {
-            assert!(e.iter().any(|m| m.starts_with(w)), "missing {w:?} in {e:#?}");
+            assert!(
+                e.iter().any(|m| m.starts_with(w)),
+                "missing {w:?} in {e:#?}"
+            );
         }
     }
 
     #[test]
     fn absurd_durations_are_rejected() {
-        for key in ["cluster_update_interval: 100000", "connect_timeout: -1", "api_timeout: .nan"] {
+        for key in [
+            "cluster_update_interval: 100000",
+            "connect_timeout: -1",
+            "api_timeout: .nan",
+        ] {
             let e = errors(&format!("{key}\nclusters: {{}}\n"));
             assert!(e[0].contains("out of range"), "{key}: {e:?}");
         }
@@ -547,20 +638,36 @@ clusters:
         let c = parse("tcp_keepalive: {enabled: false}\nclusters: {}").unwrap();
         assert_eq!(c.tcp_keepalive, None);
         let c = parse("tcp_keepalive: {idle: 5, interval: 2, count: 3}\nclusters: {}").unwrap();
-        assert_eq!(c.tcp_keepalive, Some(Keepalive { idle_secs: 5, interval_secs: 2, count: 3 }));
+        assert_eq!(
+            c.tcp_keepalive,
+            Some(Keepalive {
+                idle_secs: 5,
+                interval_secs: 2,
+                count: 3
+            })
+        );
         let e = errors("tcp_keepalive: {idle: 0}\nclusters: {}");
-        assert_eq!(e, ["tcp_keepalive.idle: 0 is out of range; expected 1 to 32767"]);
+        assert_eq!(
+            e,
+            ["tcp_keepalive.idle: 0 is out of range; expected 1 to 32767"]
+        );
     }
 
     #[test]
     fn ttl_zero_disables_staleness() {
-        assert_eq!(parse("topology_ttl: 0\nclusters: {}").unwrap().topology_ttl, None);
+        assert_eq!(
+            parse("topology_ttl: 0\nclusters: {}").unwrap().topology_ttl,
+            None
+        );
     }
 
     #[test]
     fn structural_errors_carry_their_path() {
         let e = errors("clusters:\n  a:\n    hosts: [\"http://x\"]\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [leader], host_port: 70000}\n");
-        assert!(e[0].starts_with("clusters.a.ports.p.host_port: invalid value"), "{e:?}");
+        assert!(
+            e[0].starts_with("clusters.a.ports.p.host_port: invalid value"),
+            "{e:?}"
+        );
         assert!(!errors("clusters: [").is_empty());
         assert!(!errors("").is_empty(), "an empty file lacks `clusters`");
     }

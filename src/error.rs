@@ -16,14 +16,21 @@ pub enum Error {
     /// prefixed by the key path it concerns.
     Config { file: String, problems: Vec<String> },
     /// A listening socket could not be set up; `step` names the syscall.
-    Bind { addr: SocketAddr, step: &'static str, source: io::Error },
+    Bind {
+        addr: SocketAddr,
+        step: &'static str,
+        source: io::Error,
+    },
     /// Any other I/O failure, with what we were doing.
     Io { context: String, source: io::Error },
 }
 
 impl Error {
     pub fn io(context: impl Into<String>, source: io::Error) -> Error {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// Exit status for `main`: 2 for a configuration problem (like `nginx -t`),

@@ -10,11 +10,11 @@
 //! share only the message types in `updater`.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod patroni;
-pub mod topology;
-pub mod admin;
 pub mod proxy;
 pub mod signals;
+pub mod topology;
 pub mod updater;

@@ -66,7 +66,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Cli, String> {
                 let path = args.next().ok_or("-c needs a file")?;
                 set_config(path, &mut config)?;
             }
-            s if s.starts_with("--config=") => set_config(s["--config=".len()..].to_string(), &mut config)?,
+            s if s.starts_with("--config=") => {
+                set_config(s["--config=".len()..].to_string(), &mut config)?
+            }
             s if s.starts_with("-v") && s[1..].chars().all(|c| c == 'v') => {
                 verbosity = verbosity.saturating_add((s.len() - 1) as u8)
             }
@@ -75,7 +77,11 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Cli, String> {
             _ => set_config(arg, &mut config)?,
         }
     }
-    Ok(Cli::Run(Args { config: config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG)), test, verbosity }))
+    Ok(Cli::Run(Args {
+        config: config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG)),
+        test,
+        verbosity,
+    }))
 }
 
 fn init_logging(level: log::LevelFilter) {
@@ -100,11 +106,18 @@ fn run(args: Args) -> ExitCode {
         }
     };
     if args.test {
-        println!("patroni-proxy: configuration {} is valid", args.config.display());
+        println!(
+            "patroni-proxy: configuration {} is valid",
+            args.config.display()
+        );
         return ExitCode::SUCCESS;
     }
     init_logging(config::raise_level(cfg.log_level, args.verbosity));
-    info!("patroni-proxy {} starting with {}", env!("CARGO_PKG_VERSION"), args.config.display());
+    info!(
+        "patroni-proxy {} starting with {}",
+        env!("CARGO_PKG_VERSION"),
+        args.config.display()
+    );
     let mut proxy = match Proxy::new(cfg, args.config, args.verbosity) {
         Ok(p) => p,
         Err(e) => {

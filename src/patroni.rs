@@ -92,7 +92,9 @@ fn member(v: &Value) -> Result<Member, String> {
         timeline: o.get("timeline").and_then(number),
         lag: o.get("lag").and_then(number),
         replay_lag: o.get("replay_lag").and_then(number),
-        noloadbalance: tags.and_then(|t| t.get("noloadbalance")).is_some_and(truthy),
+        noloadbalance: tags
+            .and_then(|t| t.get("noloadbalance"))
+            .is_some_and(truthy),
     })
 }
 
@@ -109,7 +111,9 @@ fn required_str<'a>(o: &'a Map<String, Value>, key: &str) -> Result<&'a str, Str
 fn number(v: &Value) -> Option<u64> {
     match v {
         Value::Number(n) => n.as_u64().or_else(|| {
-            n.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64)
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
         }),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
@@ -124,9 +128,10 @@ fn truthy(v: &Value) -> bool {
     match v {
         Value::Bool(b) => *b,
         Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
-        Value::String(s) => {
-            !matches!(s.trim().to_ascii_lowercase().as_str(), "" | "false" | "no" | "off" | "0")
-        }
+        Value::String(s) => !matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "" | "false" | "no" | "off" | "0"
+        ),
         Value::Null => false,
         Value::Array(a) => !a.is_empty(),
         Value::Object(o) => !o.is_empty(),
@@ -152,8 +157,15 @@ mod tests {
     }
 
     fn on(t: &Topology, roles: &[PortRole], max_lag: Option<u64>) -> Vec<String> {
-        let f = PortFilter { roles: roles.to_vec(), host_port: None, max_lag_in_bytes: max_lag };
-        routable(t, &f).into_iter().map(|(n, a)| format!("{n}@{a}")).collect()
+        let f = PortFilter {
+            roles: roles.to_vec(),
+            host_port: None,
+            max_lag_in_bytes: max_lag,
+        };
+        routable(t, &f)
+            .into_iter()
+            .map(|(n, a)| format!("{n}@{a}"))
+            .collect()
     }
 
     #[test]
@@ -173,7 +185,10 @@ mod tests {
         assert_eq!(t.members[2].lag, None, "lag \"unknown\"");
         let t = fixture("patroni-3.0.2/after_failover.json");
         assert_eq!(on(&t, &[PortRole::Leader], None), ["node2@127.0.0.1:5442"]);
-        for f in ["after_failover_settled.json", "replica_stopped_after_ttl.json"] {
+        for f in [
+            "after_failover_settled.json",
+            "replica_stopped_after_ttl.json",
+        ] {
             fixture(&format!("patroni-3.0.2/{f}"));
         }
     }
@@ -192,7 +207,10 @@ mod tests {
         let t = fixture("patroni-4.1.5/sync_on.json");
         assert_eq!(on(&t, &[PortRole::Sync], None), ["node3@127.0.0.1:5443"]);
         let t = fixture("patroni-4.1.5/sync_quorum.json");
-        assert_eq!(on(&t, &[PortRole::Sync], None), ["node2@127.0.0.1:5442", "node3@127.0.0.1:5443"]);
+        assert_eq!(
+            on(&t, &[PortRole::Sync], None),
+            ["node2@127.0.0.1:5442", "node3@127.0.0.1:5443"]
+        );
         assert!(on(&t, &[PortRole::Async], None).is_empty());
         let t = fixture("patroni-4.1.5/replica_stopped.json");
         assert_eq!(on(&t, &[PortRole::Async], None), ["node2@127.0.0.1:5442"]);
@@ -245,12 +263,21 @@ mod tests {
 
     #[test]
     fn optional_fields_may_all_be_missing() {
-        let p = parse(br#"{"members": [{"name": "x", "role": "weird", "state": null}], "pause": true}"#).unwrap();
+        let p = parse(
+            br#"{"members": [{"name": "x", "role": "weird", "state": null}], "pause": true}"#,
+        )
+        .unwrap();
         let m = &p.topology.members[0];
         assert_eq!(m.role, Role::Other("weird".into()));
-        assert_eq!((m.state.as_str(), m.host.as_ref(), m.port, m.lag), ("", None, None, None));
+        assert_eq!(
+            (m.state.as_str(), m.host.as_ref(), m.port, m.lag),
+            ("", None, None, None)
+        );
         assert!(p.topology.paused);
-        assert_eq!(parse(br#"{"members": []}"#).unwrap().topology.members.len(), 0);
+        assert_eq!(
+            parse(br#"{"members": []}"#).unwrap().topology.members.len(),
+            0
+        );
     }
 
     #[test]
@@ -267,8 +294,14 @@ mod tests {
             ("0", false),
             ("null", false),
         ] {
-            let body = format!(r#"{{"members": [{{"name": "x", "role": "replica", "state": "running", "tags": {{"noloadbalance": {v}}}}}]}}"#);
-            assert_eq!(parse(body.as_bytes()).unwrap().topology.members[0].noloadbalance, want, "{v}");
+            let body = format!(
+                r#"{{"members": [{{"name": "x", "role": "replica", "state": "running", "tags": {{"noloadbalance": {v}}}}}]}}"#
+            );
+            assert_eq!(
+                parse(body.as_bytes()).unwrap().topology.members[0].noloadbalance,
+                want,
+                "{v}"
+            );
         }
     }
 
@@ -278,6 +311,9 @@ mod tests {
         assert!(parse(b"<html>").unwrap_err().starts_with("not JSON"));
         assert_eq!(parse(b"[]").unwrap_err(), "not a JSON object");
         assert_eq!(parse(b"{}").unwrap_err(), "no `members` key");
-        assert_eq!(parse(br#"{"members": {}}"#).unwrap_err(), "`members` is not an array");
+        assert_eq!(
+            parse(br#"{"members": {}}"#).unwrap_err(),
+            "`members` is not an array"
+        );
     }
 }

@@ -57,10 +57,17 @@ impl Signals {
             // Flag first, then the pipe: the loop must see the flag once it
             // sees the byte.
             ids.push(signal_hook::flag::register(signo, Arc::clone(&flag))?);
-            ids.push(signal_hook::low_level::pipe::register(signo, write_end.try_clone()?)?);
+            ids.push(signal_hook::low_level::pipe::register(
+                signo,
+                write_end.try_clone()?,
+            )?);
             flags.push((action, flag));
         }
-        Ok(Signals { read_end: mio::net::UnixStream::from_std(read_end), flags, ids })
+        Ok(Signals {
+            read_end: mio::net::UnixStream::from_std(read_end),
+            flags,
+            ids,
+        })
     }
 
     /// The source to register with the poll, readable when a signal came.

@@ -138,7 +138,10 @@ impl Member {
     fn state_is_usable(&self) -> bool {
         match self.role {
             Role::Leader => self.state == "running",
-            _ => matches!(self.state.as_str(), "running" | "streaming" | "in archive recovery"),
+            _ => matches!(
+                self.state.as_str(),
+                "running" | "streaming" | "in archive recovery"
+            ),
         }
     }
 }
@@ -214,7 +217,11 @@ impl fmt::Display for Exclusion {
 
 /// Decides whether `m` is routable for `filter`; `Ok` carries the address
 /// to dial.
-pub fn eligibility(topo: &Topology, m: &Member, filter: &PortFilter) -> Result<SocketAddr, Exclusion> {
+pub fn eligibility(
+    topo: &Topology,
+    m: &Member,
+    filter: &PortFilter,
+) -> Result<SocketAddr, Exclusion> {
     if !filter.roles.iter().any(|r| r.accepts(&m.role)) {
         return Err(Exclusion::Role(m.role.as_str().to_string()));
     }
@@ -245,20 +252,45 @@ pub fn eligibility(topo: &Topology, m: &Member, filter: &PortFilter) -> Result<S
 pub fn routable<'a>(topo: &'a Topology, filter: &PortFilter) -> Vec<(&'a str, SocketAddr)> {
     topo.members
         .iter()
-        .filter_map(|m| eligibility(topo, m, filter).ok().map(|a| (m.name.as_str(), a)))
+        .filter_map(|m| {
+            eligibility(topo, m, filter)
+                .ok()
+                .map(|a| (m.name.as_str(), a))
+        })
         .collect()
 }
 
 /// A change worth an info line in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    LeaderChanged { from: Option<String>, to: Option<String> },
-    SplitBrain { leaders: Vec<String> },
-    MemberAdded { name: String, role: String, state: String },
-    MemberRemoved { name: String },
-    RoleChanged { name: String, from: String, to: String },
-    StateChanged { name: String, from: String, to: String },
-    AddressChanged { name: String },
+    LeaderChanged {
+        from: Option<String>,
+        to: Option<String>,
+    },
+    SplitBrain {
+        leaders: Vec<String>,
+    },
+    MemberAdded {
+        name: String,
+        role: String,
+        state: String,
+    },
+    MemberRemoved {
+        name: String,
+    },
+    RoleChanged {
+        name: String,
+        from: String,
+        to: String,
+    },
+    StateChanged {
+        name: String,
+        from: String,
+        to: String,
+    },
+    AddressChanged {
+        name: String,
+    },
 }
 
 impl fmt::Display for Change {
@@ -269,7 +301,11 @@ impl fmt::Display for Change {
                 write!(f, "leader changed from={} to={}", opt(from), opt(to))
             }
             Change::SplitBrain { leaders } => {
-                write!(f, "more than one leader reported ({}); refusing leader routing", leaders.join(", "))
+                write!(
+                    f,
+                    "more than one leader reported ({}); refusing leader routing",
+                    leaders.join(", ")
+                )
             }
             Change::MemberAdded { name, role, state } => {
                 write!(f, "member added member={name} role={role} state={state:?}")
@@ -279,7 +315,10 @@ impl fmt::Display for Change {
                 write!(f, "member role changed member={name} from={from} to={to}")
             }
             Change::StateChanged { name, from, to } => {
-                write!(f, "member state changed member={name} from={from:?} to={to:?}")
+                write!(
+                    f,
+                    "member state changed member={name} from={from:?} to={to:?}"
+                )
             }
             Change::AddressChanged { name } => write!(f, "member address changed member={name}"),
         }
@@ -294,10 +333,15 @@ pub fn diff(old: Option<&Topology>, new: &Topology) -> Vec<Change> {
     let new_leader = leader_of(new);
     if new.split_brain() {
         if !old.is_some_and(Topology::split_brain) {
-            out.push(Change::SplitBrain { leaders: new.leaders().map(|m| m.name.clone()).collect() });
+            out.push(Change::SplitBrain {
+                leaders: new.leaders().map(|m| m.name.clone()).collect(),
+            });
         }
     } else if old.is_none() || old_leader != new_leader {
-        out.push(Change::LeaderChanged { from: old_leader, to: new_leader });
+        out.push(Change::LeaderChanged {
+            from: old_leader,
+            to: new_leader,
+        });
     }
     let empty = Topology::default();
     let old = old.unwrap_or(&empty);
@@ -324,14 +368,18 @@ pub fn diff(old: Option<&Topology>, new: &Topology) -> Vec<Change> {
                     });
                 }
                 if (o.ip, o.port) != (m.ip, m.port) {
-                    out.push(Change::AddressChanged { name: m.name.clone() });
+                    out.push(Change::AddressChanged {
+                        name: m.name.clone(),
+                    });
                 }
             }
         }
     }
     for o in &old.members {
         if new.member(&o.name).is_none() {
-            out.push(Change::MemberRemoved { name: o.name.clone() });
+            out.push(Change::MemberRemoved {
+                name: o.name.clone(),
+            });
         }
     }
     out
@@ -341,7 +389,11 @@ pub fn diff(old: Option<&Topology>, new: &Topology) -> Vec<Change> {
 /// count, or `None` when the item may not be picked (already tried). Among
 /// equals, the first at or after `cursor` (wrapping) wins, so equal backends
 /// take turns instead of the first always winning.
-pub fn pick_least<T>(items: &[T], cursor: usize, load: impl Fn(&T) -> Option<u32>) -> Option<usize> {
+pub fn pick_least<T>(
+    items: &[T],
+    cursor: usize,
+    load: impl Fn(&T) -> Option<u32>,
+) -> Option<usize> {
     let n = items.len();
     let mut best: Option<(usize, u32)> = None;
     for k in 0..n {
@@ -360,7 +412,10 @@ mod tests {
     use super::*;
 
     pub(crate) fn member(name: &str, role: &str, state: &str, lag: Option<u64>) -> Member {
-        let n: u8 = name.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().unwrap_or(1);
+        let n: u8 = name
+            .trim_start_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .unwrap_or(1);
         Member {
             name: name.into(),
             role: Role::parse(role),
@@ -376,15 +431,26 @@ mod tests {
     }
 
     fn filter(roles: &[PortRole], max_lag: Option<u64>) -> PortFilter {
-        PortFilter { roles: roles.to_vec(), host_port: None, max_lag_in_bytes: max_lag }
+        PortFilter {
+            roles: roles.to_vec(),
+            host_port: None,
+            max_lag_in_bytes: max_lag,
+        }
     }
 
     fn names(t: &Topology, f: &PortFilter) -> Vec<String> {
-        routable(t, f).into_iter().map(|(n, _)| n.to_string()).collect()
+        routable(t, f)
+            .into_iter()
+            .map(|(n, _)| n.to_string())
+            .collect()
     }
 
     fn cluster(members: Vec<Member>) -> Topology {
-        Topology { members, scope: None, paused: false }
+        Topology {
+            members,
+            scope: None,
+            paused: false,
+        }
     }
 
     #[test]
@@ -400,8 +466,14 @@ mod tests {
         assert_eq!(names(&t, &filter(&[PortRole::Sync], None)), ["n2", "n3"]);
         assert_eq!(names(&t, &filter(&[PortRole::Async], None)), ["n4"]);
         assert_eq!(names(&t, &filter(&[PortRole::StandbyLeader], None)), ["n5"]);
-        assert_eq!(names(&t, &filter(&[PortRole::Any], None)), ["n1", "n2", "n3", "n4", "n5"]);
-        assert_eq!(names(&t, &filter(&[PortRole::Sync, PortRole::Async], None)), ["n2", "n3", "n4"]);
+        assert_eq!(
+            names(&t, &filter(&[PortRole::Any], None)),
+            ["n1", "n2", "n3", "n4", "n5"]
+        );
+        assert_eq!(
+            names(&t, &filter(&[PortRole::Sync, PortRole::Async], None)),
+            ["n2", "n3", "n4"]
+        );
     }
 
     #[test]
@@ -417,7 +489,10 @@ mod tests {
         let any = filter(&[PortRole::Any], None);
         assert_eq!(names(&t, &any), ["n2", "n3"]);
         let leader = &t.members[0];
-        assert_eq!(eligibility(&t, leader, &any), Err(Exclusion::State("streaming".into())));
+        assert_eq!(
+            eligibility(&t, leader, &any),
+            Err(Exclusion::State("streaming".into()))
+        );
     }
 
     #[test]
@@ -429,7 +504,10 @@ mod tests {
         t.members[0].noloadbalance = true;
         t.members[1].noloadbalance = true;
         assert_eq!(names(&t, &filter(&[PortRole::Any], None)), ["n1"]);
-        assert_eq!(eligibility(&t, &t.members[1], &filter(&[PortRole::Async], None)), Err(Exclusion::NoLoadBalance));
+        assert_eq!(
+            eligibility(&t, &t.members[1], &filter(&[PortRole::Async], None)),
+            Err(Exclusion::NoLoadBalance)
+        );
     }
 
     #[test]
@@ -441,11 +519,27 @@ mod tests {
             member("n4", "replica", "streaming", None),
         ]);
         let f = filter(&[PortRole::Any], Some(1000));
-        assert_eq!(names(&t, &f), ["n1", "n2"], "the leader has no lag and is never evicted");
-        assert_eq!(eligibility(&t, &t.members[2], &f), Err(Exclusion::LagOver { lag: 5000, max: 1000 }));
-        assert_eq!(eligibility(&t, &t.members[3], &f), Err(Exclusion::LagUnknown));
+        assert_eq!(
+            names(&t, &f),
+            ["n1", "n2"],
+            "the leader has no lag and is never evicted"
+        );
+        assert_eq!(
+            eligibility(&t, &t.members[2], &f),
+            Err(Exclusion::LagOver {
+                lag: 5000,
+                max: 1000
+            })
+        );
+        assert_eq!(
+            eligibility(&t, &t.members[3], &f),
+            Err(Exclusion::LagUnknown)
+        );
         // Without a limit lag does not matter.
-        assert_eq!(names(&t, &filter(&[PortRole::Async], None)), ["n2", "n3", "n4"]);
+        assert_eq!(
+            names(&t, &filter(&[PortRole::Async], None)),
+            ["n2", "n3", "n4"]
+        );
         // replay_lag wins over lag when known.
         t.members[2].replay_lag = Some(10);
         t.members[1].replay_lag = Some(2000);
@@ -474,7 +568,10 @@ mod tests {
         assert_eq!(routable(&t, &f)[0].1, "127.0.0.1:6432".parse().unwrap());
         let mut t2 = t.clone();
         t2.members[0].ip = None;
-        assert_eq!(eligibility(&t2, &t2.members[0], &f), Err(Exclusion::NoAddress));
+        assert_eq!(
+            eligibility(&t2, &t2.members[0], &f),
+            Err(Exclusion::NoAddress)
+        );
     }
 
     #[test]
@@ -493,27 +590,68 @@ mod tests {
         assert_eq!(
             d,
             vec![
-                Change::LeaderChanged { from: Some("n1".into()), to: Some("n2".into()) },
-                Change::RoleChanged { name: "n2".into(), from: "replica".into(), to: "leader".into() },
-                Change::StateChanged { name: "n2".into(), from: "streaming".into(), to: "running".into() },
-                Change::StateChanged { name: "n3".into(), from: "streaming".into(), to: "running".into() },
-                Change::MemberAdded { name: "n4".into(), role: "replica".into(), state: "streaming".into() },
+                Change::LeaderChanged {
+                    from: Some("n1".into()),
+                    to: Some("n2".into())
+                },
+                Change::RoleChanged {
+                    name: "n2".into(),
+                    from: "replica".into(),
+                    to: "leader".into()
+                },
+                Change::StateChanged {
+                    name: "n2".into(),
+                    from: "streaming".into(),
+                    to: "running".into()
+                },
+                Change::StateChanged {
+                    name: "n3".into(),
+                    from: "streaming".into(),
+                    to: "running".into()
+                },
+                Change::MemberAdded {
+                    name: "n4".into(),
+                    role: "replica".into(),
+                    state: "streaming".into()
+                },
                 Change::MemberRemoved { name: "n1".into() },
             ]
         );
         assert!(diff(Some(&new), &new).is_empty());
         let first = diff(None, &old);
-        assert_eq!(first[0], Change::LeaderChanged { from: None, to: Some("n1".into()) });
+        assert_eq!(
+            first[0],
+            Change::LeaderChanged {
+                from: None,
+                to: Some("n1".into())
+            }
+        );
         assert_eq!(first.len(), 4);
     }
 
     #[test]
     fn diff_reports_split_brain_once() {
         let ok = cluster(vec![member("n1", "leader", "running", None)]);
-        let two = cluster(vec![member("n1", "leader", "running", None), member("n2", "leader", "running", None)]);
-        assert_eq!(diff(Some(&ok), &two)[0], Change::SplitBrain { leaders: vec!["n1".into(), "n2".into()] });
-        assert!(!diff(Some(&two), &two).iter().any(|c| matches!(c, Change::SplitBrain { .. })));
-        assert_eq!(diff(Some(&two), &ok)[0], Change::LeaderChanged { from: None, to: Some("n1".into()) });
+        let two = cluster(vec![
+            member("n1", "leader", "running", None),
+            member("n2", "leader", "running", None),
+        ]);
+        assert_eq!(
+            diff(Some(&ok), &two)[0],
+            Change::SplitBrain {
+                leaders: vec!["n1".into(), "n2".into()]
+            }
+        );
+        assert!(!diff(Some(&two), &two)
+            .iter()
+            .any(|c| matches!(c, Change::SplitBrain { .. })));
+        assert_eq!(
+            diff(Some(&two), &ok)[0],
+            Change::LeaderChanged {
+                from: None,
+                to: Some("n1".into())
+            }
+        );
     }
 
     #[test]
@@ -526,7 +664,10 @@ mod tests {
         assert_eq!(pick_least(&[0, 0, 0], 1, all), Some(1));
         assert_eq!(pick_least(&[0, 0, 0], 5, all), Some(2));
         // Skipped candidates (already tried) are never picked.
-        assert_eq!(pick_least(&[0, 5, 9], 0, |a| (*a != 0).then_some(*a)), Some(1));
+        assert_eq!(
+            pick_least(&[0, 5, 9], 0, |a| (*a != 0).then_some(*a)),
+            Some(1)
+        );
         assert_eq!(pick_least(&[0, 5], 0, |_| None), None);
     }
 }

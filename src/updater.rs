@@ -102,12 +102,19 @@ impl Handle {
         let thread = std::thread::Builder::new()
             .name(format!("updater-{cluster}"))
             .spawn(move || worker.run(rx))?;
-        Ok(Handle { id, settings, commands, thread })
+        Ok(Handle {
+            id,
+            settings,
+            commands,
+            thread,
+        })
     }
 
     /// Asks for a poll now. False when the thread is gone.
     pub fn refresh(&self, request: u64) -> bool {
-        self.commands.send(UpdaterCommand::RefreshNow(request)).is_ok()
+        self.commands
+            .send(UpdaterCommand::RefreshNow(request))
+            .is_ok()
     }
 
     /// True when the thread has ended (it only ends on `Shutdown`, so this
@@ -142,7 +149,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(id: u64, cluster: String, settings: Settings, updates: Sender<Update>, wake: Wake) -> Worker {
+    fn new(
+        id: u64,
+        cluster: String,
+        settings: Settings,
+        updates: Sender<Update>,
+        wake: Wake,
+    ) -> Worker {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(settings.api_timeout))
             .timeout_connect(Some(settings.api_timeout))
@@ -185,24 +198,20 @@ impl Worker {
             }
             (self.wake)();
 
-            let next = started + self.period();
-            loop {
-                let wait = next.saturating_duration_since(Instant::now());
-                match commands.recv_timeout(wait) {
-                    Ok(UpdaterCommand::RefreshNow(id)) => {
-                        requests.push(id);
-                        // Collect requests that arrived together: one poll answers all.
-                        while let Ok(cmd) = commands.try_recv() {
-                            match cmd {
-                                UpdaterCommand::RefreshNow(id) => requests.push(id),
-                                UpdaterCommand::Shutdown => return,
-                            }
+            let wait = (started + self.period()).saturating_duration_since(Instant::now());
+            match commands.recv_timeout(wait) {
+                Ok(UpdaterCommand::RefreshNow(id)) => {
+                    requests.push(id);
+                    // Collect requests that arrived together: one poll answers all.
+                    while let Ok(cmd) = commands.try_recv() {
+                        match cmd {
+                            UpdaterCommand::RefreshNow(id) => requests.push(id),
+                            UpdaterCommand::Shutdown => return,
                         }
-                        break;
                     }
-                    Ok(UpdaterCommand::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
-                    Err(RecvTimeoutError::Timeout) => break,
                 }
+                Ok(UpdaterCommand::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {}
             }
         }
     }
@@ -222,7 +231,11 @@ impl Worker {
         let now = Instant::now();
         let mut order: Vec<&String> = self.settings.hosts.iter().collect();
         // Stable sort: hosts in penalty go last, config order otherwise kept.
-        order.sort_by_key(|h| self.failed_at.get(*h).is_some_and(|t| now.duration_since(*t) < HOST_PENALTY));
+        order.sort_by_key(|h| {
+            self.failed_at
+                .get(*h)
+                .is_some_and(|t| now.duration_since(*t) < HOST_PENALTY)
+        });
         let order: Vec<String> = order.into_iter().cloned().collect();
 
         let mut errors = Vec::new();
@@ -232,7 +245,10 @@ impl Worker {
                     self.failed_at.remove(&host);
                     if parsed.skipped != self.last_skipped {
                         for s in &parsed.skipped {
-                            warn!("cluster={} host={host} skipped malformed member {s}", self.cluster);
+                            warn!(
+                                "cluster={} host={host} skipped malformed member {s}",
+                                self.cluster
+                            );
                         }
                         self.last_skipped = parsed.skipped;
                     }
@@ -244,7 +260,10 @@ impl Worker {
                         self.fast_until = Some(Instant::now() + FAST_WINDOW);
                         self.last = Some(topology.clone());
                     }
-                    return Ok(Polled { host, topology: changed.then_some(topology) });
+                    return Ok(Polled {
+                        host,
+                        topology: changed.then_some(topology),
+                    });
                 }
                 Err(e) => {
                     debug!("cluster={} host={host} poll failed: {e}", self.cluster);
@@ -253,7 +272,11 @@ impl Worker {
                 }
             }
         }
-        let msg = if errors.is_empty() { "no hosts configured".to_string() } else { errors.join("; ") };
+        let msg = if errors.is_empty() {
+            "no hosts configured".to_string()
+        } else {
+            errors.join("; ")
+        };
         self.failing(&msg);
         Err(msg)
     }
@@ -279,7 +302,9 @@ impl Worker {
     fn resolve(&mut self, topo: &mut Topology) {
         let now = Instant::now();
         for m in &mut topo.members {
-            let Some(host) = m.host.as_deref() else { continue };
+            let Some(host) = m.host.as_deref() else {
+                continue;
+            };
             let literal = host.trim_start_matches('[').trim_end_matches(']');
             if let Ok(ip) = literal.parse::<IpAddr>() {
                 m.ip = Some(ip);
@@ -294,7 +319,10 @@ impl Worker {
             let ip = match (host, 0u16).to_socket_addrs() {
                 Ok(mut addrs) => addrs.next().map(|a| a.ip()),
                 Err(e) => {
-                    warn!("cluster={} member={} cannot resolve host {host:?}: {e}", self.cluster, m.name);
+                    warn!(
+                        "cluster={} member={} cannot resolve host {host:?}: {e}",
+                        self.cluster, m.name
+                    );
                     None
                 }
             };
@@ -330,7 +358,11 @@ impl Worker {
                 since.elapsed().as_secs_f64()
             );
         } else if !errors.is_empty() {
-            debug!("cluster={} answered by {host} after: {}", self.cluster, errors.join("; "));
+            debug!(
+                "cluster={} answered by {host} after: {}",
+                self.cluster,
+                errors.join("; ")
+            );
         }
     }
 }

@@ -17,7 +17,12 @@ pub enum State {
     Reading,
     /// Waiting for the polls of `/update_clusters` (request id, clusters
     /// still to answer, failures so far).
-    Refreshing { request: u64, pending: Vec<String>, failures: Vec<String>, head_only: bool },
+    Refreshing {
+        request: u64,
+        pending: Vec<String>,
+        failures: Vec<String>,
+        head_only: bool,
+    },
     /// Writing the response.
     Writing,
     /// Done or failed: reap it.
@@ -84,7 +89,10 @@ impl AdminConn {
             match self.sock.read(&mut chunk) {
                 Ok(0) => return Step::Close, // closed before a full request
                 Ok(n) => {
-                    let take = n.min(admin::MAX_REQUEST_BYTES + 1 - self.input.len().min(admin::MAX_REQUEST_BYTES));
+                    let take = n.min(
+                        admin::MAX_REQUEST_BYTES + 1
+                            - self.input.len().min(admin::MAX_REQUEST_BYTES),
+                    );
                     self.input.extend_from_slice(&chunk[..take]);
                     match admin::parse_request(&self.input) {
                         Parse::Incomplete => continue,

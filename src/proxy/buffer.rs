@@ -19,7 +19,11 @@ pub struct Buffer {
 
 impl Buffer {
     pub fn new(cap: usize) -> Buffer {
-        Buffer { data: vec![0u8; cap].into_boxed_slice(), start: 0, end: 0 }
+        Buffer {
+            data: vec![0u8; cap].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
     }
 
     pub fn capacity(&self) -> usize {
@@ -91,7 +95,12 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(size: usize, max_free: usize) -> Pool {
-        Pool { size, free: Vec::new(), max_free, in_use: 0 }
+        Pool {
+            size,
+            free: Vec::new(),
+            max_free,
+            in_use: 0,
+        }
     }
 
     pub fn take(&mut self) -> Buffer {
@@ -150,7 +159,9 @@ mod tests {
         let mut model: Vec<u8> = Vec::new();
         let mut seed = 12345u64;
         let mut next = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 33) as usize
         };
         for i in 0..10_000u32 {

@@ -49,7 +49,11 @@ impl Listener {
             socket,
             cluster: String::new(),
             label: String::new(),
-            filter: PortFilter { roles: Vec::new(), host_port: None, max_lag_in_bytes: None },
+            filter: PortFilter {
+                roles: Vec::new(),
+                host_port: None,
+                max_lag_in_bytes: None,
+            },
             wait: Duration::ZERO,
             backends: Vec::new(),
             cursor: 0,
@@ -76,17 +80,25 @@ impl Listener {
         let old = std::mem::take(&mut self.backends);
         self.backends = routable
             .iter()
-            .map(|(name, addr)| match old.iter().find(|b| &*b.member == *name && b.addr == *addr) {
-                Some(b) => b.clone(),
-                None => Backend { member: Rc::from(*name), addr: *addr, active: 0 },
-            })
+            .map(
+                |(name, addr)| match old.iter().find(|b| &*b.member == *name && b.addr == *addr) {
+                    Some(b) => b.clone(),
+                    None => Backend {
+                        member: Rc::from(*name),
+                        addr: *addr,
+                        active: 0,
+                    },
+                },
+            )
             .collect();
     }
 
     /// Least connections among backends whose address is not in `tried`;
     /// counts the pick.
     pub fn pick(&mut self, tried: &[SocketAddr]) -> Option<Target> {
-        let i = pick_least(&self.backends, self.cursor, |b| (!tried.contains(&b.addr)).then_some(b.active))?;
+        let i = pick_least(&self.backends, self.cursor, |b| {
+            (!tried.contains(&b.addr)).then_some(b.active)
+        })?;
         self.cursor = i + 1;
         let b = &mut self.backends[i];
         b.active += 1;
@@ -95,7 +107,11 @@ impl Listener {
 
     /// A session of this port left `target`.
     pub fn release(&mut self, target: &Target) {
-        if let Some(b) = self.backends.iter_mut().find(|b| b.member == target.0 && b.addr == target.1) {
+        if let Some(b) = self
+            .backends
+            .iter_mut()
+            .find(|b| b.member == target.0 && b.addr == target.1)
+        {
             b.active = b.active.saturating_sub(1);
         }
     }

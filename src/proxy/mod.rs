@@ -123,15 +123,22 @@ impl Proxy {
     /// Binds every socket and starts the updaters. Any bind failure is fatal.
     pub fn new(config: Config, config_path: PathBuf, verbosity: u8) -> Result<Proxy> {
         let poll = Poll::new().map_err(|e| Error::io("creating the poll", e))?;
-        let waker =
-            Arc::new(Waker::new(poll.registry(), token::WAKER).map_err(|e| Error::io("creating the waker", e))?);
-        let mut signals = Signals::install().map_err(|e| Error::io("installing signal handlers", e))?;
+        let waker = Arc::new(
+            Waker::new(poll.registry(), token::WAKER)
+                .map_err(|e| Error::io("creating the waker", e))?,
+        );
+        let mut signals =
+            Signals::install().map_err(|e| Error::io("installing signal handlers", e))?;
         poll.registry()
             .register(signals.source(), token::SIGNALS, Interest::READABLE)
             .map_err(|e| Error::io("registering the signal pipe", e))?;
         let mut admin_listener = bind(config.listen_address, config.listen_backlog)?;
         poll.registry()
-            .register(&mut admin_listener, token::ADMIN_LISTENER, Interest::READABLE)
+            .register(
+                &mut admin_listener,
+                token::ADMIN_LISTENER,
+                Interest::READABLE,
+            )
             .map_err(|e| Error::io("registering the admin listener", e))?;
         info!("admin interface listening on {}", config.listen_address);
 
@@ -176,7 +183,9 @@ impl Proxy {
             proxy.start_cluster(cluster)?;
         }
         proxy.check_fd_limit();
-        proxy.timers.add(Instant::now() + HOUSEKEEPING, Timer::Housekeeping);
+        proxy
+            .timers
+            .add(Instant::now() + HOUSEKEEPING, Timer::Housekeeping);
         Ok(proxy)
     }
 
@@ -235,7 +244,9 @@ impl Proxy {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
-                    info!("shutdown_timeout reached; closing {left} remaining sessions and exiting");
+                    info!(
+                        "shutdown_timeout reached; closing {left} remaining sessions and exiting"
+                    );
                     return Ok(());
                 }
             }
@@ -251,7 +262,9 @@ impl Proxy {
     // ---- sessions ---------------------------------------------------------
 
     fn session_event(&mut self, key: usize, side: Side, ev: &Event) {
-        let Some(s) = self.sessions.get_mut(key) else { return };
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
         if s.phase == Phase::Closed {
             return; // stale event for a session closed earlier in this batch
         }
@@ -263,7 +276,11 @@ impl Proxy {
                 Connect::Done => {
                     s.phase = Phase::Streaming;
                     s.deadline = None;
-                    debug!("session={} backend={} connected", s.id, describe_target(&s.target));
+                    debug!(
+                        "session={} backend={} connected",
+                        s.id,
+                        describe_target(&s.target)
+                    );
                 }
             }
         }
@@ -271,7 +288,9 @@ impl Proxy {
     }
 
     fn pump(&mut self, key: usize) {
-        let Some(s) = self.sessions.get_mut(key) else { return };
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
         if s.phase == Phase::Closed {
             return;
         }
@@ -284,12 +303,18 @@ impl Proxy {
             s.client.writable,
             s.client.read_eof,
             s.client.write_shut,
-            s.backend.as_ref().map(|b| (b.readable, b.writable, b.read_eof, b.write_shut))
+            s.backend
+                .as_ref()
+                .map(|b| (b.readable, b.writable, b.read_eof, b.write_shut))
         );
         match pumped {
             Pumped::Idle => {
                 if s.phase == Phase::Waiting && s.client.read_eof && s.to_backend.is_none() {
-                    self.close_session(key, "client left while waiting for a backend", Level::Debug);
+                    self.close_session(
+                        key,
+                        "client left while waiting for a backend",
+                        Level::Debug,
+                    );
                 }
             }
             Pumped::Budget => {
@@ -314,7 +339,11 @@ impl Proxy {
                     | io::ErrorKind::NotConnected => Level::Debug,
                     _ => Level::Info,
                 };
-                let side = if side == Side::Client { "client" } else { "backend" };
+                let side = if side == Side::Client {
+                    "client"
+                } else {
+                    "backend"
+                };
                 self.close_session(key, &format!("{side} error: {e}"), level);
             }
         }
@@ -331,11 +360,16 @@ impl Proxy {
     }
 
     fn close_session(&mut self, key: usize, reason: &str, level: Level) {
-        let Some(s) = self.sessions.get_mut(key) else { return };
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
         if s.phase == Phase::Closed {
             return;
         }
-        let label = self.listeners.get(s.listener).map_or("?", |l| l.label.as_str());
+        let label = self
+            .listeners
+            .get(s.listener)
+            .map_or("?", |l| l.label.as_str());
         log!(
             level,
             "session={} port={} client={} backend={} closed reason={:?} bytes_up={} bytes_down={}",
@@ -361,8 +395,17 @@ impl Proxy {
         let now = Instant::now();
         let connect_timeout = self.config.connect_timeout;
         let keepalive = self.config.tcp_keepalive;
-        let Proxy { sessions, listeners, clusters, poll, timers, .. } = self;
-        let Some(s) = sessions.get_mut(key) else { return };
+        let Proxy {
+            sessions,
+            listeners,
+            clusters,
+            poll,
+            timers,
+            ..
+        } = self;
+        let Some(s) = sessions.get_mut(key) else {
+            return;
+        };
         let Some(l) = listeners.get_mut(s.listener) else {
             return self.close_session(key, "port removed", Level::Debug);
         };
@@ -370,17 +413,22 @@ impl Proxy {
             let label = l.label.clone();
             return self.close_session(
                 key,
-                &format!("topology of {label} is stale (Patroni API unreachable beyond topology_ttl)"),
+                &format!(
+                    "topology of {label} is stale (Patroni API unreachable beyond topology_ttl)"
+                ),
                 Level::Info,
             );
         }
-        loop {
-            let Some(target) = l.pick(&s.tried) else { break };
+        while let Some(target) = l.pick(&s.tried) {
             match open_backend(target.1, keepalive.as_ref()) {
                 Ok(sock) => {
                     let mut ep = Endpoint::new(sock);
                     let tok = token::session(key, Side::Backend);
-                    if let Err(e) = poll.registry().register(&mut ep.sock, tok, Interest::READABLE | Interest::WRITABLE) {
+                    if let Err(e) = poll.registry().register(
+                        &mut ep.sock,
+                        tok,
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
                         l.release(&target);
                         warn!("session={} registering backend socket: {e}", s.id);
                         s.tried.push(target.1);
@@ -395,7 +443,10 @@ impl Proxy {
                     return;
                 }
                 Err(e) => {
-                    warn!("session={} port={} member={} addr={} connect failed: {e}", s.id, l.label, target.0, target.1);
+                    warn!(
+                        "session={} port={} member={} addr={} connect failed: {e}",
+                        s.id, l.label, target.0, target.1
+                    );
                     l.release(&target);
                     s.tried.push(target.1);
                 }
@@ -409,19 +460,28 @@ impl Proxy {
         }
         let at = *s.waiting_since.get_or_insert(now) + l.wait;
         if at <= now {
-            return self.close_session(key, "no routable member within backend_wait_timeout", Level::Info);
+            return self.close_session(
+                key,
+                "no routable member within backend_wait_timeout",
+                Level::Info,
+            );
         }
         s.phase = Phase::Waiting;
         if s.deadline != Some(at) {
             s.deadline = Some(at);
             timers.add(at, Timer::Session(key, s.id));
         }
-        debug!("session={} port={} waiting for a routable member", s.id, l.label);
+        debug!(
+            "session={} port={} waiting for a routable member",
+            s.id, l.label
+        );
     }
 
     /// The connect to the session's backend failed: try the next member.
     fn connect_failed(&mut self, key: usize, why: &str) {
-        let Some(s) = self.sessions.get_mut(key) else { return };
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
         s.drop_backend(self.poll.registry());
         if let Some(t) = s.target.take() {
             let l = self.listeners.get_mut(s.listener);
@@ -467,15 +527,14 @@ impl Proxy {
         }
         for lk in 0..self.listeners.capacity() {
             let mut accepted = 0;
-            loop {
-                let Some(l) = self.listeners.get_mut(lk) else { break };
-                if !l.accept_ready {
-                    break;
-                }
+            while let Some(l) = self.listeners.get_mut(lk).filter(|l| l.accept_ready) {
                 if self.sessions.len() >= self.config.max_connections {
                     if !self.at_capacity {
                         self.at_capacity = true;
-                        warn!("max_connections={} reached; new clients wait in the backlog", self.config.max_connections);
+                        warn!(
+                            "max_connections={} reached; new clients wait in the backlog",
+                            self.config.max_connections
+                        );
                     }
                     return;
                 }
@@ -491,7 +550,10 @@ impl Proxy {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => l.accept_ready = false,
                     Err(e)
-                        if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                        ) => {}
                     Err(e) => return self.pause_accepting(&e),
                 }
             }
@@ -504,11 +566,15 @@ impl Proxy {
     fn pause_accepting(&mut self, e: &io::Error) {
         let backoff = self.accept_backoff;
         if backoff == ACCEPT_PAUSE_MIN {
-            error!("accept failed: {e}; pausing accepts (sessions={})", self.sessions.len());
+            error!(
+                "accept failed: {e}; pausing accepts (sessions={})",
+                self.sessions.len()
+            );
         }
         self.accept_paused = true;
         self.accept_backoff = (backoff * 2).min(ACCEPT_PAUSE_MAX);
-        self.timers.add(Instant::now() + backoff, Timer::AcceptResume);
+        self.timers
+            .add(Instant::now() + backoff, Timer::AcceptResume);
     }
 
     fn new_session(&mut self, lk: usize, sock: TcpStream, peer: SocketAddr) {
@@ -522,7 +588,11 @@ impl Proxy {
         let key = entry.key();
         let mut s = Session::new(id, lk, sock, peer);
         let tok = token::session(key, Side::Client);
-        if let Err(e) = self.poll.registry().register(&mut s.client.sock, tok, Interest::READABLE | Interest::WRITABLE) {
+        if let Err(e) = self.poll.registry().register(
+            &mut s.client.sock,
+            tok,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             warn!("registering client {peer}: {e}");
             return;
         }
@@ -549,12 +619,18 @@ impl Proxy {
     }
 
     fn session_deadline(&mut self, key: usize, id: u64, now: Instant) {
-        let Some(s) = self.sessions.get(key) else { return };
+        let Some(s) = self.sessions.get(key) else {
+            return;
+        };
         if s.id != id || s.deadline.is_none_or(|d| d > now) {
             return; // cancelled or moved: lazy timer cancellation
         }
         match s.phase {
-            Phase::Waiting => self.close_session(key, "no routable member within backend_wait_timeout", Level::Info),
+            Phase::Waiting => self.close_session(
+                key,
+                "no routable member within backend_wait_timeout",
+                Level::Info,
+            ),
             Phase::Connecting => self.connect_failed(key, "connect timeout"),
             Phase::Streaming => self.close_session(key, "half-closed for too long", Level::Debug),
             Phase::Closed => {}
@@ -576,7 +652,9 @@ impl Proxy {
                     Err(e) => error!("cluster={name} cannot restart its updater: {e}"),
                 }
             }
-            let (Some(ttl), Some(last)) = (ttl, c.last_success) else { continue };
+            let (Some(ttl), Some(last)) = (ttl, c.last_success) else {
+                continue;
+            };
             let age = now.duration_since(last);
             if age <= ttl {
                 continue;
@@ -589,9 +667,15 @@ impl Proxy {
                     age.as_secs_f64()
                 );
                 went_stale.push(name.clone());
-            } else if c.stale_logged.is_some_and(|t| now.duration_since(t) >= STALE_REMINDER) {
+            } else if c
+                .stale_logged
+                .is_some_and(|t| now.duration_since(t) >= STALE_REMINDER)
+            {
                 c.stale_logged = Some(now);
-                warn!("cluster={name} topology still stale ({:.0}s since the last successful poll)", age.as_secs_f64());
+                warn!(
+                    "cluster={name} topology still stale ({:.0}s since the last successful poll)",
+                    age.as_secs_f64()
+                );
             }
         }
         for name in went_stale {
@@ -599,7 +683,11 @@ impl Proxy {
                 .sessions
                 .iter()
                 .filter(|(_, s)| s.phase == Phase::Waiting)
-                .filter(|(_, s)| self.listeners.get(s.listener).is_some_and(|l| l.cluster == name))
+                .filter(|(_, s)| {
+                    self.listeners
+                        .get(s.listener)
+                        .is_some_and(|l| l.cluster == name)
+                })
                 .map(|(k, _)| k)
                 .collect();
             for key in waiting {
@@ -619,12 +707,24 @@ impl Proxy {
 
     fn apply_update(&mut self, u: Update) {
         let failure = u.outcome.as_ref().err().cloned();
+        self.apply_outcome(&u.cluster, u.updater, u.outcome);
+        // Answer `/update_clusters` only once the new topology is in effect.
         self.answer_refreshes(&u.cluster, &u.requests, failure.as_deref());
-        let Some(c) = self.clusters.get_mut(&u.cluster) else { return };
-        if c.updater.id != u.updater {
+    }
+
+    fn apply_outcome(
+        &mut self,
+        cluster: &str,
+        updater: u64,
+        outcome: std::result::Result<updater::Polled, String>,
+    ) {
+        let Some(c) = self.clusters.get_mut(cluster) else {
+            return;
+        };
+        if c.updater.id != updater {
             return; // from an updater a reload replaced
         }
-        match u.outcome {
+        match outcome {
             Err(e) => c.last_error = Some(e),
             Ok(polled) => {
                 c.last_success = Some(Instant::now());
@@ -632,20 +732,25 @@ impl Proxy {
                 c.last_error = None;
                 if c.stale {
                     c.stale = false;
-                    info!("cluster={} topology fresh again; accepting new clients", u.cluster);
+                    info!(
+                        "cluster={} topology fresh again; accepting new clients",
+                        cluster
+                    );
                 }
                 if let Some(topo) = polled.topology {
                     for change in topology::diff(c.topology.as_ref(), &topo) {
                         match change {
-                            topology::Change::SplitBrain { .. } => error!("cluster={} {change}", u.cluster),
-                            _ => info!("cluster={} {change}", u.cluster),
+                            topology::Change::SplitBrain { .. } => {
+                                error!("cluster={} {change}", cluster)
+                            }
+                            _ => info!("cluster={} {change}", cluster),
                         }
                     }
                     if topo.paused && !c.topology.as_ref().is_some_and(|t| t.paused) {
-                        info!("cluster={} is in maintenance mode (pause)", u.cluster);
+                        info!("cluster={} is in maintenance mode (pause)", cluster);
                     }
                     c.topology = Some(topo);
-                    self.refresh_listeners(&u.cluster);
+                    self.refresh_listeners(cluster);
                 }
             }
         }
@@ -663,12 +768,22 @@ impl Proxy {
     /// sessions on members that lost what the port requires; routes waiting
     /// clients when a member became available.
     fn refresh_listener(&mut self, lk: usize) {
-        let Some(l) = self.listeners.get_mut(lk) else { return };
-        let topo = self.clusters.get(&l.cluster).and_then(|c| c.topology.as_ref());
-        let routable = topo.map(|t| topology::routable(t, &l.filter)).unwrap_or_default();
+        let Some(l) = self.listeners.get_mut(lk) else {
+            return;
+        };
+        let topo = self
+            .clusters
+            .get(&l.cluster)
+            .and_then(|c| c.topology.as_ref());
+        let routable = topo
+            .map(|t| topology::routable(t, &l.filter))
+            .unwrap_or_default();
         let mut evicted: Vec<(Target, String)> = Vec::new();
         for b in &l.backends {
-            if !routable.iter().any(|(n, a)| **n == *b.member && *a == b.addr) {
+            if !routable
+                .iter()
+                .any(|(n, a)| **n == *b.member && *a == b.addr)
+            {
                 let reason = match topo.and_then(|t| t.member(&b.member).map(|m| (t, m))) {
                     None => "removed from the cluster".to_string(),
                     Some((t, m)) => match topology::eligibility(t, m, &l.filter) {
@@ -680,7 +795,11 @@ impl Proxy {
             }
         }
         for (name, addr) in &routable {
-            if !l.backends.iter().any(|b| *b.member == **name && b.addr == *addr) {
+            if !l
+                .backends
+                .iter()
+                .any(|b| *b.member == **name && b.addr == *addr)
+            {
                 info!("port={} member={name} addr={addr} routable", l.label);
             }
         }
@@ -708,11 +827,23 @@ impl Proxy {
             }
         }
         for ((member, addr), why) in &evicted {
-            let n = close.iter().filter(|(k, _)| self.sessions[*k].target.as_ref().is_some_and(|t| *t.0 == **member)).count();
+            let n = close
+                .iter()
+                .filter(|(k, _)| {
+                    self.sessions[*k]
+                        .target
+                        .as_ref()
+                        .is_some_and(|t| *t.0 == **member)
+                })
+                .count();
             info!("port={label} member={member} addr={addr} no longer routable ({why}); closing {n} sessions");
         }
         for (k, why) in close {
-            self.close_session(k, &format!("member no longer routable: {why}"), Level::Debug);
+            self.close_session(
+                k,
+                &format!("member no longer routable: {why}"),
+                Level::Debug,
+            );
         }
         for k in reroute {
             if let Some(s) = self.sessions.get_mut(k) {
@@ -737,9 +868,19 @@ impl Proxy {
         };
         let id = self.next_updater_id;
         self.next_updater_id += 1;
-        let handle =
-            updater::Handle::spawn(id, &cluster.name, settings, self.updates_tx.clone(), waker_fn(&self.waker))
-                .map_err(|e| Error::io(format!("starting the updater of cluster {}", cluster.name), e))?;
+        let handle = updater::Handle::spawn(
+            id,
+            &cluster.name,
+            settings,
+            self.updates_tx.clone(),
+            waker_fn(&self.waker),
+        )
+        .map_err(|e| {
+            Error::io(
+                format!("starting the updater of cluster {}", cluster.name),
+                e,
+            )
+        })?;
         match self.clusters.get_mut(&cluster.name) {
             Some(c) => std::mem::replace(&mut c.updater, handle).stop(),
             None => {
@@ -760,17 +901,32 @@ impl Proxy {
         Ok(())
     }
 
-    fn add_listener(&mut self, mut socket: TcpListener, cluster: &ClusterConfig, port: &PortConfig) -> Result<()> {
+    fn add_listener(
+        &mut self,
+        mut socket: TcpListener,
+        cluster: &ClusterConfig,
+        port: &PortConfig,
+    ) -> Result<()> {
         let entry = self.listeners.vacant_entry();
         if entry.key() >= token::MAX_LISTENERS {
-            return Err(Error::io("adding a listener", io::Error::other("too many listeners")));
+            return Err(Error::io(
+                "adding a listener",
+                io::Error::other("too many listeners"),
+            ));
         }
         self.poll
             .registry()
-            .register(&mut socket, token::listener(entry.key()), Interest::READABLE)
+            .register(
+                &mut socket,
+                token::listener(entry.key()),
+                Interest::READABLE,
+            )
             .map_err(|e| Error::io(format!("registering listener {}", port.listen), e))?;
         let l = Listener::new(socket, cluster, port);
-        info!("port={} listening on {} roles={:?}", l.label, l.addr, port.roles);
+        info!(
+            "port={} listening on {} roles={:?}",
+            l.label, l.addr, port.roles
+        );
         let lk = entry.key();
         entry.insert(l);
         self.refresh_listener(lk);
@@ -778,7 +934,12 @@ impl Proxy {
     }
 
     fn remove_listener(&mut self, lk: usize, why: &str) {
-        let keys: Vec<usize> = self.sessions.iter().filter(|(_, s)| s.listener == lk).map(|(k, _)| k).collect();
+        let keys: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.listener == lk)
+            .map(|(k, _)| k)
+            .collect();
         for k in keys {
             self.close_session(k, why, Level::Debug);
         }
@@ -789,7 +950,10 @@ impl Proxy {
     }
 
     fn check_fd_limit(&self) {
-        let wanted = self.config.max_connections as u64 * 2 + self.listeners.len() as u64 + MAX_ADMIN as u64 + 64;
+        let wanted = self.config.max_connections as u64 * 2
+            + self.listeners.len() as u64
+            + MAX_ADMIN as u64
+            + 64;
         match sockopt::raise_nofile_limit(wanted) {
             Ok((soft, _)) if soft < wanted => warn!(
                 "open files limit is {soft}, below the {wanted} that max_connections={} needs; \
@@ -840,8 +1004,12 @@ impl Proxy {
                 let _ = self.poll.registry().deregister(&mut l.socket);
             }
         }
-        let waiting: Vec<usize> =
-            self.sessions.iter().filter(|(_, s)| s.phase != Phase::Streaming).map(|(k, _)| k).collect();
+        let waiting: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.phase != Phase::Streaming)
+            .map(|(k, _)| k)
+            .collect();
         for k in waiting {
             self.close_session(k, "shutting down", Level::Debug);
         }
@@ -910,8 +1078,15 @@ impl Proxy {
         }
         for cluster in &new.clusters {
             let (hosts, interval, api_timeout) = new.updater_settings(cluster);
-            let wanted = updater::Settings { hosts, interval, api_timeout };
-            let restart = self.clusters.get(&cluster.name).is_none_or(|c| c.updater.settings != wanted);
+            let wanted = updater::Settings {
+                hosts,
+                interval,
+                api_timeout,
+            };
+            let restart = self
+                .clusters
+                .get(&cluster.name)
+                .is_none_or(|c| c.updater.settings != wanted);
             if restart {
                 if let Err(e) = self.start_cluster(cluster) {
                     error!("{e}");
@@ -919,14 +1094,20 @@ impl Proxy {
             }
         }
         for lk in 0..self.listeners.capacity() {
-            let Some(l) = self.listeners.get(lk) else { continue };
+            let Some(l) = self.listeners.get(lk) else {
+                continue;
+            };
             let addr = l.addr;
             match new.ports().find(|(_, p)| p.listen == addr) {
                 None => self.remove_listener(lk, "removed by reload"),
                 Some((c, p)) => {
                     if l.cluster != c.name {
-                        let keys: Vec<usize> =
-                            self.sessions.iter().filter(|(_, s)| s.listener == lk).map(|(k, _)| k).collect();
+                        let keys: Vec<usize> = self
+                            .sessions
+                            .iter()
+                            .filter(|(_, s)| s.listener == lk)
+                            .map(|(k, _)| k)
+                            .collect();
                         for k in keys {
                             self.close_session(k, "port moved to another cluster", Level::Debug);
                         }
@@ -945,7 +1126,11 @@ impl Proxy {
         for lk in 0..self.listeners.capacity() {
             self.refresh_listener(lk);
         }
-        info!("configuration reloaded: {} clusters, {} ports", self.clusters.len(), self.listeners.len());
+        info!(
+            "configuration reloaded: {} clusters, {} ports",
+            self.clusters.len(),
+            self.listeners.len()
+        );
     }
 
     // ---- admin --------------------------------------------------------------
@@ -960,7 +1145,12 @@ impl Proxy {
                     let entry = self.admins.vacant_entry();
                     let key = entry.key();
                     let tok = token::admin(key);
-                    if self.poll.registry().register(&mut sock, tok, Interest::READABLE | Interest::WRITABLE).is_err() {
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut sock, tok, Interest::READABLE | Interest::WRITABLE)
+                        .is_err()
+                    {
                         continue;
                     }
                     let id = self.next_id;
@@ -970,7 +1160,11 @@ impl Proxy {
                     self.timers.add(deadline, Timer::Admin(key, id));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.admin_accept_ready = false,
-                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
                 Err(e) => {
                     warn!("admin accept failed: {e}");
                     return; // retried on the next loop turn
@@ -980,7 +1174,9 @@ impl Proxy {
     }
 
     fn admin_event(&mut self, key: usize, ev: Option<&Event>) {
-        let Some(a) = self.admins.get_mut(key) else { return };
+        let Some(a) = self.admins.get_mut(key) else {
+            return;
+        };
         let step = match ev {
             Some(ev) => a.on_event(ev),
             None => a.advance(),
@@ -1039,10 +1235,17 @@ impl Proxy {
         }
         // Each host may take api_timeout; the poll may already be under way.
         let wait = self.config.api_timeout * (hosts * 2) + Duration::from_secs(1);
-        let Some(a) = self.admins.get_mut(key) else { return };
+        let Some(a) = self.admins.get_mut(key) else {
+            return;
+        };
         a.deadline = Instant::now() + wait;
         self.timers.add(a.deadline, Timer::Admin(key, a.id));
-        a.state = AdminState::Refreshing { request, pending, failures, head_only };
+        a.state = AdminState::Refreshing {
+            request,
+            pending,
+            failures,
+            head_only,
+        };
         self.finish_refresh_if_done(key);
     }
 
@@ -1053,7 +1256,13 @@ impl Proxy {
         }
         let mut touched = Vec::new();
         for (key, a) in self.admins.iter_mut() {
-            if let AdminState::Refreshing { request, pending, failures, .. } = &mut a.state {
+            if let AdminState::Refreshing {
+                request,
+                pending,
+                failures,
+                ..
+            } = &mut a.state
+            {
                 if requests.contains(request) {
                     pending.retain(|c| c != cluster);
                     if let Some(e) = failure {
@@ -1069,13 +1278,26 @@ impl Proxy {
     }
 
     fn finish_refresh_if_done(&mut self, key: usize) {
-        let Some(a) = self.admins.get(key) else { return };
-        let AdminState::Refreshing { pending, failures, head_only, .. } = &a.state else { return };
+        let Some(a) = self.admins.get(key) else {
+            return;
+        };
+        let AdminState::Refreshing {
+            pending,
+            failures,
+            head_only,
+            ..
+        } = &a.state
+        else {
+            return;
+        };
         if !pending.is_empty() {
             return;
         }
         let resp = if failures.is_empty() {
-            Response::text(200, &format!("updated {} cluster(s)\n", self.clusters.len()))
+            Response::text(
+                200,
+                &format!("updated {} cluster(s)\n", self.clusters.len()),
+            )
         } else {
             Response::text(503, &format!("update failed for {}\n", failures.join("\n")))
         };
@@ -1084,15 +1306,21 @@ impl Proxy {
     }
 
     fn admin_deadline(&mut self, key: usize, id: u64) {
-        let Some(a) = self.admins.get(key) else { return };
+        let Some(a) = self.admins.get(key) else {
+            return;
+        };
         if a.id != id || a.deadline > Instant::now() {
             return;
         }
         let resp = match &a.state {
             AdminState::Reading => Response::text(408, "request timeout\n"),
-            AdminState::Refreshing { pending, head_only, .. } => {
-                Response::text(503, &format!("timed out waiting for: {}\n", pending.join(", "))).head_only(*head_only)
-            }
+            AdminState::Refreshing {
+                pending, head_only, ..
+            } => Response::text(
+                503,
+                &format!("timed out waiting for: {}\n", pending.join(", ")),
+            )
+            .head_only(*head_only),
             // A client that does not read its response: give up on it.
             AdminState::Writing => return self.close_admin(key),
             AdminState::Closed => return,
@@ -1109,7 +1337,11 @@ impl Proxy {
     fn status_json(&self) -> Vec<u8> {
         let now = Instant::now();
         let mut per_listener: HashMap<usize, (usize, usize)> = HashMap::new();
-        for (_, s) in self.sessions.iter().filter(|(_, s)| s.phase != Phase::Closed) {
+        for (_, s) in self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.phase != Phase::Closed)
+        {
             let e = per_listener.entry(s.listener).or_default();
             e.0 += 1;
             if s.phase == Phase::Waiting {
@@ -1118,7 +1350,11 @@ impl Proxy {
         }
         let mut clusters = serde_json::Map::new();
         for (name, c) in &self.clusters {
-            let listeners: Vec<(usize, &Listener)> = self.listeners.iter().filter(|(_, l)| &l.cluster == name).collect();
+            let listeners: Vec<(usize, &Listener)> = self
+                .listeners
+                .iter()
+                .filter(|(_, l)| &l.cluster == name)
+                .collect();
             let members: Vec<Value> = c
                 .topology
                 .iter()
@@ -1207,7 +1443,8 @@ fn port_name(l: &Listener) -> &str {
 }
 
 fn describe_target(t: &Option<Target>) -> String {
-    t.as_ref().map_or_else(|| "-".to_string(), |(m, a)| format!("{m}@{a}"))
+    t.as_ref()
+        .map_or_else(|| "-".to_string(), |(m, a)| format!("{m}@{a}"))
 }
 
 fn waker_fn(waker: &Arc<Waker>) -> updater::Wake {
@@ -1220,7 +1457,11 @@ fn waker_fn(waker: &Arc<Waker>) -> updater::Wake {
 }
 
 fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {
-    let std = sockopt::bind_listener(addr, backlog).map_err(|(step, source)| Error::Bind { addr, step, source })?;
+    let std = sockopt::bind_listener(addr, backlog).map_err(|(step, source)| Error::Bind {
+        addr,
+        step,
+        source,
+    })?;
     Ok(TcpListener::from_std(std))
 }
 

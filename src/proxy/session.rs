@@ -50,7 +50,14 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(sock: TcpStream) -> Endpoint {
-        Endpoint { sock, readable: false, writable: false, read_eof: false, write_shut: false, hup: false }
+        Endpoint {
+            sock,
+            readable: false,
+            writable: false,
+            read_eof: false,
+            write_shut: false,
+            hup: false,
+        }
     }
 
     fn mark(&mut self, ev: &Event) {
@@ -152,7 +159,9 @@ impl Session {
     /// means failed; a peer address means connected; `NotConnected` means
     /// not yet.)
     pub fn check_connect(&mut self) -> Connect {
-        let Some(b) = self.backend.as_mut() else { return Connect::Pending };
+        let Some(b) = self.backend.as_mut() else {
+            return Connect::Pending;
+        };
         match b.sock.take_error() {
             Ok(Some(e)) | Err(e) => return Connect::Failed(e),
             Ok(None) => {}
@@ -184,11 +193,23 @@ impl Session {
                 Err(e) => Pumped::Failed(Side::Client, e.error),
             };
         };
-        let up = match transfer(&mut self.client, Some(backend), &mut self.to_backend, pool, budget) {
+        let up = match transfer(
+            &mut self.client,
+            Some(backend),
+            &mut self.to_backend,
+            pool,
+            budget,
+        ) {
             Ok(r) => r,
             Err(e) => return Pumped::Failed(e.side, e.error),
         };
-        let down = match transfer(backend, Some(&mut self.client), &mut self.to_client, pool, budget) {
+        let down = match transfer(
+            backend,
+            Some(&mut self.client),
+            &mut self.to_client,
+            pool,
+            budget,
+        ) {
             Ok(r) => r,
             Err(e) => return Pumped::Failed(e.side.flip(), e.error),
         };
@@ -244,8 +265,14 @@ fn transfer(
     pool: &mut Pool,
     budget: usize,
 ) -> Result<(usize, bool), TransferError> {
-    let src_err = |error| TransferError { side: Side::Client, error };
-    let dst_err = |error| TransferError { side: Side::Backend, error };
+    let src_err = |error| TransferError {
+        side: Side::Client,
+        error,
+    };
+    let dst_err = |error| TransferError {
+        side: Side::Backend,
+        error,
+    };
     let mut moved = 0;
     loop {
         let mut progress = false;

@@ -12,18 +12,27 @@ use crate::config::Keepalive;
 /// which drops SYNs under a connection burst). std sets `SO_REUSEADDR` and
 /// close-on-exec; calling `listen` again on a listening socket is how Linux
 /// changes its backlog. Errors name the failing step.
-pub fn bind_listener(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, (&'static str, io::Error)> {
+pub fn bind_listener(
+    addr: SocketAddr,
+    backlog: u32,
+) -> Result<std::net::TcpListener, (&'static str, io::Error)> {
     let l = std::net::TcpListener::bind(addr).map_err(|e| ("bind", e))?;
     let backlog = backlog.min(i32::MAX as u32) as libc::c_int;
     // SAFETY: the fd is owned by `l`, alive for the call; listen takes no pointers.
     if unsafe { libc::listen(l.as_raw_fd(), backlog) } != 0 {
         return Err(("listen", io::Error::last_os_error()));
     }
-    l.set_nonblocking(true).map_err(|e| ("set_nonblocking", e))?;
+    l.set_nonblocking(true)
+        .map_err(|e| ("set_nonblocking", e))?;
     Ok(l)
 }
 
-fn setsockopt_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `value` lives on the stack for the duration of the call and its
     // size is passed; the fd is borrowed from a live socket.
     let rc = unsafe {
@@ -46,26 +55,48 @@ fn setsockopt_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, valu
 /// (power loss, partition) is detected instead of holding a session forever.
 pub fn set_keepalive(fd: &impl AsRawFd, ka: &Keepalive) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, ka.idle_secs as libc::c_int)?;
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, ka.interval_secs as libc::c_int)?;
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, ka.count as libc::c_int)
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPIDLE,
+        ka.idle_secs as libc::c_int,
+    )?;
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        ka.interval_secs as libc::c_int,
+    )?;
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPCNT,
+        ka.count as libc::c_int,
+    )
 }
 
 /// Raises the soft open-files limit towards `wanted` (capped by the hard
 /// limit) and returns the resulting `(soft, hard)`.
 pub fn raise_nofile_limit(wanted: u64) -> io::Result<(u64, u64)> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let target = (wanted as libc::rlim_t).min(lim.rlim_max);
     if target > lim.rlim_cur {
-        let new = libc::rlimit { rlim_cur: target, rlim_max: lim.rlim_max };
+        let new = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: lim.rlim_max,
+        };
         // SAFETY: `new` is a valid rlimit read by the call.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
             lim.rlim_cur = target;
         }
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
     Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
 }

@@ -36,7 +36,9 @@ impl Timers {
 
     /// How long `poll` may sleep; `None` when nothing is due.
     pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
-        self.heap.peek().map(|Reverse((at, _))| at.saturating_duration_since(now))
+        self.heap
+            .peek()
+            .map(|Reverse((at, _))| at.saturating_duration_since(now))
     }
 
     /// The timers due at `now`, earliest first.
@@ -72,8 +74,14 @@ mod tests {
         t.add(now + Duration::from_secs(5), Timer::Housekeeping);
         assert_eq!(t.next_timeout(now), Some(Duration::from_secs(1)));
         assert_eq!(t.expired(now), vec![]);
-        assert_eq!(t.expired(now + Duration::from_secs(2)), vec![Timer::Session(3, 9), Timer::Drain]);
+        assert_eq!(
+            t.expired(now + Duration::from_secs(2)),
+            vec![Timer::Session(3, 9), Timer::Drain]
+        );
         assert_eq!(t.len(), 1);
-        assert_eq!(t.next_timeout(now + Duration::from_secs(9)), Some(Duration::ZERO));
+        assert_eq!(
+            t.next_timeout(now + Duration::from_secs(9)),
+            Some(Duration::ZERO)
+        );
     }
 }

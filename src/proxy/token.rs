@@ -62,7 +62,11 @@ pub fn decode(token: Token) -> Option<Target> {
         _ if t < SESSION_BASE => Target::Admin(t - ADMIN_BASE),
         _ => {
             let k = t - SESSION_BASE;
-            let side = if k % 2 == 0 { Side::Client } else { Side::Backend };
+            let side = if k % 2 == 0 {
+                Side::Client
+            } else {
+                Side::Backend
+            };
             Target::Session(k / 2, side)
         }
     })

@@ -1,0 +1,118 @@
+//! Command line, `-t`, exit codes and configuration errors.
+
+use std::process::{Command, Output};
+
+use crate::util::*;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn with_config(yaml: &str, args: &[&str]) -> Output {
+    let dir = TempDir::new();
+    let path = dir.0.join("c.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut all: Vec<&str> = args.to_vec();
+    all.push(path.to_str().unwrap());
+    run(&all)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const OLD_FORMAT: &str = r#"
+cluster_update_interval: 3
+listen_address: "127.0.0.1:8009"
+clusters:
+  my_cluster:
+    hosts: ["http://192.168.1.1:8008", "http://192.168.1.2:8008"]
+    ports:
+      master:   {listen: "0.0.0.0:6432", roles: ["leader"], host_port: 5432}
+      replicas: {listen: "0.0.0.0:6433", roles: ["sync", "async"], host_port: 5432,
+                 max_lag_in_bytes: 16777216}
+"#;
+
+#[test]
+fn test_flag_accepts_the_old_patroni_proxy_format() {
+    let o = with_config(OLD_FORMAT, &["-t"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("is valid"));
+    let o = with_config(OLD_FORMAT, &["--test", "-c"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn config_errors_exit_2_naming_the_key() {
+    let o = with_config(
+        "clusters:\n  main:\n    hosts: [\"http://a:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:6432\", roles: [leeder]}\n",
+        &["-t"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains(r#"clusters.main.ports.rw.roles[0]: unknown role "leeder"; expected leader, sync, async"#), "{}", stderr(&o));
+
+    let o = with_config("clusters: {}\nlisten_adress: 1\n", &["-t"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("unknown field `listen_adress`"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = with_config(
+        "clusters:\n  a:\n    hosts: [\"ftp://x\"]\n    ports:\n      p: {listen: \"0.0.0.0:6432\", roles: [any]}\n      q: {listen: \"127.0.0.1:6432\", roles: [any]}\n",
+        &[],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "a bad config fails without -t too"
+    );
+    let e = stderr(&o);
+    assert!(
+        e.contains("clusters.a.hosts[0]: \"ftp://x\" is not an http:// or https:// URL"),
+        "{e}"
+    );
+    assert!(
+        e.contains(
+            "clusters.a.ports.q.listen: 127.0.0.1:6432 clashes with clusters.a.ports.p.listen"
+        ),
+        "{e}"
+    );
+
+    let o = run(&["-t", "/nonexistent/patroni-proxy.yaml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cannot read"));
+}
+
+#[test]
+fn a_port_that_cannot_bind_is_fatal() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let yaml = format!(
+        "listen_address: 127.0.0.1:{}\nclusters:\n  a:\n    hosts: [\"http://127.0.0.1:9\"]\n    ports:\n      p: {{listen: \"127.0.0.1:{port}\", roles: [any]}}\n",
+        free_port()
+    );
+    let o = with_config(&yaml, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(&format!("bind 127.0.0.1:{port}: Address already in use")),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn help_version_and_usage_errors() {
+    let o = run(&["-V"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("patroni-proxy "));
+    let o = run(&["--help"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("usage: patroni-proxy"));
+    let o = run(&["--frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown option --frobnicate"));
+    let o = run(&["a.yaml", "b.yaml"]);
+    assert_eq!(o.status.code(), Some(2));
+}

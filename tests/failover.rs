@@ -1,0 +1,289 @@
+//! Topology changes while clients are connected: failover, switchover,
+//! split brain, clients held while there is no leader, API outages.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+struct Rig {
+    nodes: Vec<Backend>,
+    api: MockPatroni,
+    proxy: Proxy,
+    rw: SocketAddr,
+    ro: SocketAddr,
+    any: SocketAddr,
+}
+
+fn rig(extra: &str, rw_opts: &str) -> Rig {
+    let nodes: Vec<Backend> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
+    let api = MockPatroni::start(&cluster(vec![
+        member("node1", "leader", "running", nodes[0].addr, None),
+        member("node2", "replica", "streaming", nodes[1].addr, Some(0)),
+        member("node3", "replica", "streaming", nodes[2].addr, Some(0)),
+    ]));
+    let (rw, ro, any) = (free_port(), free_port(), free_port());
+    let ports = format!(
+        "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]{rw_opts}}}\nro: {{listen: \"127.0.0.1:{ro}\", roles: [sync, async]}}\nany: {{listen: \"127.0.0.1:{any}\", roles: [any]}}"
+    );
+    let proxy = Proxy::start(&config(free_port(), &[api.url()], &ports, extra));
+    proxy.wait_backends("main", "ro", &["node2", "node3"]);
+    Rig {
+        nodes,
+        api,
+        proxy,
+        rw: addr(rw),
+        ro: addr(ro),
+        any: addr(any),
+    }
+}
+
+impl Rig {
+    fn set(&self, members: &[(&str, &str, &str)]) {
+        let ms = members
+            .iter()
+            .map(|(name, role, state)| {
+                let i: usize = name[4..].parse().unwrap();
+                let lag = (*role != "leader").then_some(0);
+                member(name, role, state, self.nodes[i - 1].addr, lag)
+            })
+            .collect();
+        self.api.set(&cluster(ms));
+    }
+}
+
+/// Clients of the replica port, one per replica, keyed by the member reached.
+fn one_per_replica(rig: &Rig) -> (Client, Client) {
+    let mut a = Client::connect(rig.ro);
+    let mut b = Client::connect(rig.ro);
+    match (a.greeting().as_str(), b.greeting().as_str()) {
+        ("node2", "node3") => (a, b),
+        ("node3", "node2") => (b, a),
+        other => panic!("expected one client per replica: {other:?}"),
+    }
+}
+
+#[test]
+fn failover_closes_only_sessions_whose_member_lost_the_role() {
+    let rig = rig("", "");
+    let mut leader = Client::connect(rig.rw);
+    assert_eq!(leader.greeting(), "node1");
+    let (mut on2, mut on3) = one_per_replica(&rig);
+
+    // node1 crashed and vanished; node2 took over.
+    rig.set(&[
+        ("node2", "leader", "running"),
+        ("node3", "replica", "running"),
+    ]);
+    assert_eq!(rig.proxy.update(), 200);
+    assert!(leader.is_closed(), "sessions to the old leader are closed");
+    assert!(
+        on2.is_closed(),
+        "node2 is no longer a replica: its replica-port session is closed"
+    );
+    assert!(
+        on3.echo("survivor"),
+        "the session on the surviving replica is untouched"
+    );
+    assert_eq!(whoami(rig.rw), "node2");
+    assert_eq!(whoami(rig.ro), "node3");
+    let log = rig.proxy.log();
+    assert!(log.contains("leader changed from=node1 to=node2"), "{log}");
+    assert!(log.contains("member removed member=node1"));
+}
+
+#[test]
+fn switchover_demotes_the_old_leader_but_keeps_its_any_sessions() {
+    let rig = rig("", "");
+    let mut rw = Client::connect(rig.rw);
+    assert_eq!(rw.greeting(), "node1");
+    // Least connections on `any`: a fresh port, so the first client gets node1.
+    let mut any = Client::connect(rig.any);
+    assert_eq!(any.greeting(), "node1");
+
+    rig.set(&[
+        ("node1", "replica", "streaming"),
+        ("node2", "leader", "running"),
+        ("node3", "replica", "streaming"),
+    ]);
+    assert_eq!(rig.proxy.update(), 200);
+    assert!(
+        rw.is_closed(),
+        "the demoted leader's leader-port session is closed"
+    );
+    assert!(
+        any.echo("node1 is still a member"),
+        "node1 keeps a role the `any` port accepts"
+    );
+    assert_eq!(whoami(rig.rw), "node2");
+}
+
+#[test]
+fn two_leaders_in_one_answer_route_no_leader() {
+    let rig = rig("", "");
+    rig.set(&[
+        ("node1", "leader", "running"),
+        ("node2", "leader", "running"),
+        ("node3", "replica", "streaming"),
+    ]);
+    assert_eq!(rig.proxy.update(), 200);
+    assert!(rig.proxy.backends("main", "rw").is_empty());
+    assert!(rig
+        .proxy
+        .wait_log("more than one leader reported (node1, node2)"));
+    // A new leader-port client is held, and connected once the answer is sane.
+    let mut held = Client::connect(rig.rw);
+    held.stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        held.line().is_none(),
+        "no backend while the leader is ambiguous"
+    );
+    rig.set(&[
+        ("node1", "replica", "streaming"),
+        ("node2", "leader", "running"),
+        ("node3", "replica", "streaming"),
+    ]);
+    assert_eq!(rig.proxy.update(), 200);
+    held.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(held.greeting(), "node2");
+}
+
+#[test]
+fn client_is_held_while_there_is_no_leader_and_connected_when_one_appears() {
+    let rig = rig("", "");
+    rig.set(&[
+        ("node1", "replica", "running"),
+        ("node2", "replica", "running"),
+        ("node3", "replica", "running"),
+    ]);
+    assert_eq!(rig.proxy.update(), 200);
+    assert!(rig.proxy.backends("main", "rw").is_empty());
+    let mut c = Client::connect(rig.rw);
+    // The client speaks first, as a PostgreSQL client sends its startup packet.
+    use std::io::Write;
+    c.stream.write_all(b"startup\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    rig.set(&[
+        ("node1", "replica", "running"),
+        ("node2", "replica", "running"),
+        ("node3", "leader", "running"),
+    ]);
+    // No /update_clusters: the updater polls fast while there is no leader.
+    assert_eq!(c.greeting(), "node3");
+    assert_eq!(
+        c.line().as_deref(),
+        Some("startup"),
+        "bytes sent while held were delivered"
+    );
+    assert!(c.echo("after"));
+}
+
+#[test]
+fn held_client_is_closed_after_backend_wait_timeout() {
+    let rig = rig("", ", backend_wait_timeout: 0.5");
+    rig.set(&[("node2", "replica", "running")]);
+    assert_eq!(rig.proxy.update(), 200);
+    let start = Instant::now();
+    let mut c = Client::connect(rig.rw);
+    assert!(c.is_closed());
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn zero_backend_wait_refuses_at_once() {
+    let rig = rig("", ", backend_wait_timeout: 0");
+    rig.set(&[("node2", "replica", "running")]);
+    assert_eq!(rig.proxy.update(), 200);
+    let start = Instant::now();
+    assert!(Client::connect(rig.rw).is_closed());
+    assert!(start.elapsed() < Duration::from_millis(400));
+}
+
+#[test]
+fn clients_wait_for_the_first_topology() {
+    let n1 = Backend::start("node1");
+    let api = MockPatroni::start(&cluster(vec![]));
+    api.set_mode(Mode::Status(503));
+    let rw = free_port();
+    let p = Proxy::start(&config(
+        free_port(),
+        &[api.url()],
+        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"),
+        "",
+    ));
+    let mut c = Client::connect(addr(rw));
+    std::thread::sleep(Duration::from_millis(300));
+    api.set(&cluster(vec![member(
+        "node1", "leader", "running", n1.addr, None,
+    )]));
+    assert_eq!(c.greeting(), "node1");
+    drop(p);
+}
+
+#[test]
+fn next_api_host_is_used_when_the_first_hangs_or_fails() {
+    let n1 = Backend::start("node1");
+    let body = cluster(vec![member("node1", "leader", "running", n1.addr, None)]);
+    let hung = MockPatroni::start(&body);
+    hung.set_mode(Mode::Hang);
+    let closing = MockPatroni::start(&body);
+    closing.set_mode(Mode::Close);
+    let good = MockPatroni::start(&body);
+    let rw = free_port();
+    let cfg = config(
+        free_port(),
+        &[hung.url(), closing.url(), good.url()],
+        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"),
+        "api_timeout: 0.3",
+    );
+    let p = Proxy::start(&cfg);
+    p.wait_backends("main", "rw", &["node1"]);
+    assert_eq!(whoami(addr(rw)), "node1");
+    assert_eq!(p.status()["clusters"]["main"]["api_host"], good.url());
+    // Failed hosts go to the back of the line: later polls reach the good
+    // host first instead of waiting for the hung one every time.
+    let before = hung.requests();
+    let polls = good.requests();
+    assert!(wait_until(Duration::from_secs(5), || good.requests() >= polls + 5));
+    assert!(
+        hung.requests() <= before + 1,
+        "the hung host is not retried on every poll"
+    );
+}
+
+#[test]
+fn stale_topology_refuses_new_clients_but_keeps_sessions() {
+    let rig = rig("topology_ttl: 1", "");
+    let mut open = Client::connect(rig.rw);
+    assert_eq!(open.greeting(), "node1");
+    rig.api.set_mode(Mode::Close);
+    assert!(rig.proxy.wait_log("refusing new clients"));
+    assert!(
+        Client::connect(rig.rw).is_closed(),
+        "new clients are refused"
+    );
+    assert!(open.echo("kept"), "open sessions are kept");
+    assert_eq!(rig.proxy.status()["clusters"]["main"]["status"], "stale");
+    rig.set(&[
+        ("node1", "leader", "running"),
+        ("node2", "replica", "streaming"),
+        ("node3", "replica", "streaming"),
+    ]);
+    assert!(rig.proxy.wait_log("topology fresh again"));
+    assert_eq!(whoami(rig.rw), "node1");
+}

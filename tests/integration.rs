@@ -1,0 +1,18 @@
+//! The one integration-test binary. Every test drives the real
+//! `patroni-proxy` executable against a mock Patroni API and greeting/echo
+//! backends, on loopback only.
+
+mod util;
+
+/// Command line, `-t`, exit codes and configuration errors.
+mod cli;
+/// Admin interface, SIGHUP reload, SIGTERM drain.
+mod control;
+/// Topology changes while clients are connected: failover, split brain,
+/// held clients, API outages.
+mod failover;
+/// Role routing, balancing and eligibility rules, with real Patroni answers.
+mod routing;
+/// Bytes on the wire: large transfers, half-close, concurrency, connect
+/// failures and timeouts, connection and file-descriptor limits.
+mod transport;

@@ -1,0 +1,343 @@
+//! Role routing, balancing and eligibility rules, with real Patroni answers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::util::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Three backends, a mock API and a proxy with one port per role.
+struct Rig {
+    nodes: Vec<Backend>,
+    api: MockPatroni,
+    proxy: Proxy,
+    ports: HashMap<&'static str, SocketAddr>,
+}
+
+impl Rig {
+    fn start(ports: &[(&'static str, &str)]) -> Rig {
+        let nodes: Vec<Backend> = ["node1", "node2", "node3"]
+            .iter()
+            .map(|n| Backend::start(n))
+            .collect();
+        let api = MockPatroni::start(&cluster(vec![
+            member("node1", "leader", "running", nodes[0].addr, None),
+            member("node2", "replica", "streaming", nodes[1].addr, Some(0)),
+            member("node3", "replica", "streaming", nodes[2].addr, Some(0)),
+        ]));
+        let mut yaml = String::new();
+        let mut map = HashMap::new();
+        for (name, rest) in ports {
+            let p = free_port();
+            yaml.push_str(&format!("{name}: {{listen: \"127.0.0.1:{p}\", {rest}}}\n"));
+            map.insert(*name, addr(p));
+        }
+        let proxy = Proxy::start(&config(free_port(), &[api.url()], &yaml, ""));
+        Rig {
+            nodes,
+            api,
+            proxy,
+            ports: map,
+        }
+    }
+
+    fn addrs(&self) -> HashMap<&'static str, SocketAddr> {
+        HashMap::from([
+            ("node1", self.nodes[0].addr),
+            ("node2", self.nodes[1].addr),
+            ("node3", self.nodes[2].addr),
+        ])
+    }
+
+    fn port(&self, name: &str) -> SocketAddr {
+        self.ports[name]
+    }
+}
+
+#[test]
+fn each_role_reaches_its_members() {
+    let rig = Rig::start(&[
+        ("rw", "roles: [leader]"),
+        ("sync", "roles: [sync]"),
+        ("async", "roles: [async]"),
+        ("any", "roles: [any]"),
+    ]);
+    rig.api.set(&cluster(vec![
+        member("node1", "leader", "running", rig.nodes[0].addr, None),
+        member(
+            "node2",
+            "sync_standby",
+            "streaming",
+            rig.nodes[1].addr,
+            Some(0),
+        ),
+        member("node3", "replica", "streaming", rig.nodes[2].addr, Some(0)),
+    ]));
+    assert_eq!(rig.proxy.update(), 200);
+    rig.proxy
+        .wait_backends("main", "any", &["node1", "node2", "node3"]);
+    for _ in 0..3 {
+        assert_eq!(whoami(rig.port("rw")), "node1");
+        assert_eq!(whoami(rig.port("sync")), "node2");
+        assert_eq!(whoami(rig.port("async")), "node3");
+    }
+    let mut seen: Vec<String> = (0..6).map(|_| whoami(rig.port("any"))).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        ["node1", "node2", "node3"],
+        "`any` reaches every member"
+    );
+}
+
+#[test]
+fn least_connections_balances_replicas() {
+    let rig = Rig::start(&[("ro", "roles: [sync, async]")]);
+    rig.proxy.wait_backends("main", "ro", &["node2", "node3"]);
+    let mut held: Vec<Client> = (0..4).map(|_| Client::connect(rig.port("ro"))).collect();
+    let names: Vec<String> = held.iter_mut().map(|c| c.greeting()).collect();
+    assert_eq!(
+        names.iter().filter(|n| *n == "node2").count(),
+        2,
+        "{names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| *n == "node3").count(),
+        2,
+        "{names:?}"
+    );
+    // Close both node2 sessions: the next two clients go to node2.
+    let mut keep = Vec::new();
+    for (c, n) in held.into_iter().zip(&names) {
+        if n == "node3" {
+            keep.push(c);
+        }
+    }
+    assert!(wait_until(Duration::from_secs(5), || {
+        rig.proxy.status()["clusters"]["main"]["ports"]["ro"]["backends"][0]["active"] == 0
+    }));
+    let mut more: Vec<Client> = (0..2).map(|_| Client::connect(rig.port("ro"))).collect();
+    for c in &mut more {
+        assert_eq!(c.greeting(), "node2");
+    }
+    // Sequential short connections: ties rotate instead of favouring node2.
+    drop(more);
+    drop(keep);
+    let mut spread = HashMap::new();
+    for _ in 0..8 {
+        *spread.entry(whoami(rig.port("ro"))).or_insert(0) += 1;
+    }
+    assert!(
+        spread.len() == 2 && spread.values().all(|n| *n >= 2),
+        "{spread:?}"
+    );
+}
+
+#[test]
+fn real_patroni_answers_of_3_0_2_and_4_1_5_route_every_role() {
+    let rig = Rig::start(&[
+        ("rw", "roles: [leader]"),
+        ("sync", "roles: [sync]"),
+        ("ro", "roles: [sync, async], max_lag_in_bytes: 16777216"),
+        ("any", "roles: [any]"),
+    ]);
+    let addrs = rig.addrs();
+    // (fixture, leader port, sync port, replica port)
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+    let cases: [Case; 7] = [
+        (
+            "patroni-3.0.2/normal.json",
+            &["node1"],
+            &[],
+            &["node2", "node3"],
+        ),
+        (
+            "patroni-3.0.2/sync_on.json",
+            &["node1"],
+            &["node2"],
+            &["node2", "node3"],
+        ),
+        (
+            "patroni-3.0.2/replica_stopped.json",
+            &["node1"],
+            &[],
+            &["node2"],
+        ),
+        (
+            "patroni-4.1.5/normal.json",
+            &["node1"],
+            &[],
+            &["node2", "node3"],
+        ),
+        (
+            "patroni-4.1.5/sync_on.json",
+            &["node1"],
+            &["node3"],
+            &["node2", "node3"],
+        ),
+        (
+            "patroni-4.1.5/sync_quorum.json",
+            &["node1"],
+            &["node2", "node3"],
+            &["node2", "node3"],
+        ),
+        (
+            "patroni-4.1.5/replica_stopped.json",
+            &["node1"],
+            &[],
+            &["node2"],
+        ),
+    ];
+    for (file, rw, sync, ro) in cases {
+        rig.api.set(&fixture(file, &addrs));
+        assert_eq!(rig.proxy.update(), 200, "{file}");
+        assert_eq!(rig.proxy.backends("main", "rw"), rw, "{file}");
+        assert_eq!(rig.proxy.backends("main", "sync"), sync, "{file}");
+        assert_eq!(rig.proxy.backends("main", "ro"), ro, "{file}");
+        for _ in 0..ro.len() {
+            assert!(ro.contains(&whoami(rig.port("ro")).as_str()), "{file}");
+        }
+        assert_eq!(whoami(rig.port("rw")), "node1", "{file}");
+    }
+    // After a failover capture the leader port follows.
+    rig.api
+        .set(&fixture("patroni-4.1.5/after_failover.json", &addrs));
+    assert_eq!(rig.proxy.update(), 200);
+    assert_eq!(whoami(rig.port("rw")), "node2");
+    assert_eq!(rig.proxy.backends("main", "any"), ["node2", "node3"]);
+}
+
+#[test]
+fn noloadbalance_members_are_skipped() {
+    let rig = Rig::start(&[("ro", "roles: [async]"), ("rw", "roles: [leader]")]);
+    let mut m3 = member("node3", "replica", "streaming", rig.nodes[2].addr, Some(0));
+    m3["tags"] = json!({"noloadbalance": true});
+    let mut m2 = member("node2", "replica", "streaming", rig.nodes[1].addr, Some(0));
+    m2["tags"] = json!({"noloadbalance": "false"});
+    let mut m1 = member("node1", "leader", "running", rig.nodes[0].addr, None);
+    m1["tags"] = json!({"noloadbalance": true});
+    rig.api.set(&cluster(vec![m1, m2.clone(), m3]));
+    assert_eq!(rig.proxy.update(), 200);
+    assert_eq!(rig.proxy.backends("main", "ro"), ["node2"]);
+    assert_eq!(
+        rig.proxy.backends("main", "rw"),
+        ["node1"],
+        "the leader takes writes whatever its tags"
+    );
+    // The string form Patroni users write in YAML.
+    let mut m3 = member("node3", "replica", "streaming", rig.nodes[2].addr, Some(0));
+    m3["tags"] = json!({"noloadbalance": "true"});
+    rig.api.set(&cluster(vec![
+        member("node1", "leader", "running", rig.nodes[0].addr, None),
+        m2,
+        m3,
+    ]));
+    assert_eq!(rig.proxy.update(), 200);
+    assert_eq!(rig.proxy.backends("main", "ro"), ["node2"]);
+    for _ in 0..4 {
+        assert_eq!(whoami(rig.port("ro")), "node2");
+    }
+}
+
+#[test]
+fn lagging_replica_is_evicted_and_only_its_sessions_close() {
+    let rig = Rig::start(&[
+        ("ro", "roles: [async], max_lag_in_bytes: 1000"),
+        ("all", "roles: [async]"),
+    ]);
+    rig.proxy.wait_backends("main", "ro", &["node2", "node3"]);
+    let mut a = Client::connect(rig.port("ro"));
+    let mut b = Client::connect(rig.port("ro"));
+    let mut unguarded = Client::connect(rig.port("all"));
+    let (na, nb) = (a.greeting(), b.greeting());
+    let (mut on2, mut on3) = match (na.as_str(), nb.as_str()) {
+        ("node2", "node3") => (a, b),
+        ("node3", "node2") => (b, a),
+        other => panic!("least connections should spread two clients: {other:?}"),
+    };
+    let u_name = unguarded.greeting();
+
+    let n = &rig.nodes;
+    rig.api.set(&cluster(vec![
+        member("node1", "leader", "running", n[0].addr, None),
+        member("node2", "replica", "streaming", n[1].addr, Some(10)),
+        member("node3", "replica", "streaming", n[2].addr, Some(5000)),
+    ]));
+    assert_eq!(rig.proxy.update(), 200);
+    assert!(
+        on3.is_closed(),
+        "the lagging replica's session on the guarded port closes"
+    );
+    assert!(on2.echo("still here"));
+    assert!(
+        unguarded.echo("no limit on this port"),
+        "session on {u_name} survives"
+    );
+    for _ in 0..3 {
+        assert_eq!(whoami(rig.port("ro")), "node2");
+    }
+    // Unknown lag counts as over the limit.
+    rig.api.set(&cluster(vec![
+        member("node1", "leader", "running", n[0].addr, None),
+        member("node2", "replica", "streaming", n[1].addr, None),
+        member("node3", "replica", "streaming", n[2].addr, Some(0)),
+    ]));
+    assert_eq!(rig.proxy.update(), 200);
+    assert!(on2.is_closed());
+    assert_eq!(rig.proxy.backends("main", "ro"), ["node3"]);
+    assert!(rig.proxy.log().contains("no longer routable (lag unknown)"));
+}
+
+#[test]
+fn malformed_member_is_skipped_and_the_rest_still_routes() {
+    let rig = Rig::start(&[("ro", "roles: [async]"), ("rw", "roles: [leader]")]);
+    let n = &rig.nodes;
+    let mut m2 = member("node2", "replica", "streaming", n[1].addr, Some(0));
+    m2["api_url"] = json!(null);
+    let mut m3 = member("node3", "replica", "streaming", n[2].addr, Some(0));
+    m3["port"] = json!("not-a-port");
+    // No `scope` either, as before Patroni 3.2.
+    rig.api
+        .set(&json!({"members": [member("node1", "leader", "running", n[0].addr, None), m2, m3]}));
+    assert_eq!(rig.proxy.update(), 200);
+    assert_eq!(rig.proxy.backends("main", "ro"), ["node2"]);
+    assert_eq!(rig.proxy.backends("main", "rw"), ["node1"]);
+    assert_eq!(whoami(rig.port("rw")), "node1");
+    assert!(rig
+        .proxy
+        .wait_log("skipped malformed member members[2] (node3): `port` is not a TCP port"));
+}
+
+#[test]
+fn host_port_overrides_the_member_port() {
+    // Three "hosts" on one port, as a real multi-host cluster.
+    let port = free_port();
+    let nodes: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start_on(&format!("node{i}"), &format!("127.0.0.1{i}:{port}")))
+        .collect();
+    let fake = |i: usize| SocketAddr::from(([127, 0, 0, 10 + i as u8], 5432));
+    let api = MockPatroni::start(&cluster(vec![
+        member("node1", "leader", "running", fake(1), None),
+        member("node2", "replica", "streaming", fake(2), Some(0)),
+        member("node3", "replica", "streaming", fake(3), Some(0)),
+    ]));
+    let (rw, ro) = (free_port(), free_port());
+    let ports = format!(
+        "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], host_port: {port}}}\nro: {{listen: \"127.0.0.1:{ro}\", roles: [async], host_port: {port}}}"
+    );
+    let p = Proxy::start(&config(free_port(), &[api.url()], &ports, ""));
+    p.wait_backends("main", "ro", &["node2", "node3"]);
+    assert_eq!(whoami(addr(rw)), "node1");
+    let mut seen: Vec<String> = (0..4).map(|_| whoami(addr(ro))).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, ["node2", "node3"]);
+    assert_eq!(nodes[0].accepted(), 1);
+}

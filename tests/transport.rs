@@ -1,0 +1,263 @@
+//! Bytes on the wire: large transfers, half-close, concurrency, connect
+//! failures and timeouts, connection and file-descriptor limits.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A proxy with one `any` port in front of `members` (name, address).
+fn any_port(members: &[(&str, SocketAddr)], extra: &str) -> (MockPatroni, Proxy, SocketAddr) {
+    let ms = members
+        .iter()
+        .enumerate()
+        .map(|(i, (n, a))| {
+            member(
+                n,
+                if i == 0 { "leader" } else { "replica" },
+                if i == 0 { "running" } else { "streaming" },
+                *a,
+                Some(0),
+            )
+        })
+        .collect();
+    let api = MockPatroni::start(&cluster(ms));
+    let port = free_port();
+    let p = Proxy::start(&config(
+        free_port(),
+        &[api.url()],
+        &format!("any: {{listen: \"127.0.0.1:{port}\", roles: [any]}}"),
+        extra,
+    ));
+    let names: Vec<&str> = members.iter().map(|(n, _)| *n).collect();
+    p.wait_backends("main", "any", &names);
+    (api, p, addr(port))
+}
+
+#[test]
+fn half_close_is_passed_through() {
+    let b = Backend::start("node1");
+    let (_api, _p, port) = any_port(&[("node1", b.addr)], "");
+    let mut c = Client::connect(port);
+    assert_eq!(c.greeting(), "node1");
+    c.stream.write_all(b"last words\n").unwrap();
+    c.stream.shutdown(Shutdown::Write).unwrap();
+    // The backend sees our FIN only through the proxy, echoes, then closes.
+    assert_eq!(
+        c.line().as_deref(),
+        Some("last words"),
+        "the reply still comes back after our FIN"
+    );
+    assert!(c.line().is_none(), "and then the backend's FIN");
+    assert!(
+        wait_until(Duration::from_secs(5), || b.open() == 0),
+        "the backend saw the client's FIN"
+    );
+}
+
+#[test]
+fn sixty_four_mib_both_ways_arrive_intact() {
+    const TOTAL: usize = 64 << 20;
+    let b = Backend::start("node1");
+    let (_api, p, port) = any_port(&[("node1", b.addr)], "");
+    let mut c = Client::connect(port);
+    assert_eq!(c.greeting(), "node1");
+    let mut writer = c.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut seed = 0x9E3779B97F4A7C15u64;
+        let mut sum = Fnv::default();
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut sent = 0;
+        while sent < TOTAL {
+            for x in chunk.iter_mut() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                *x = seed as u8;
+            }
+            writer.write_all(&chunk).unwrap();
+            sum.update(&chunk);
+            sent += chunk.len();
+        }
+        writer.shutdown(Shutdown::Write).unwrap();
+        sum.0
+    });
+    let mut got = 0;
+    let mut sum = Fnv::default();
+    let mut buf = vec![0u8; 1 << 16];
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    loop {
+        let n = c.stream.read(&mut buf).expect("reading the echo");
+        if n == 0 {
+            break;
+        }
+        sum.update(&buf[..n]);
+        got += n;
+    }
+    assert_eq!(got, TOTAL);
+    assert_eq!(sum.0, sender.join().unwrap(), "checksum of what came back");
+    let s = p.status();
+    assert_eq!(s["sessions"], 0);
+    assert_eq!(s["buffers_in_use"], 0, "buffers go back to the pool");
+}
+
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn update(&mut self, data: &[u8]) {
+        if self.0 == 0 {
+            self.0 = 0xcbf29ce484222325;
+        }
+        for b in data {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100000001b3);
+        }
+    }
+}
+
+#[test]
+fn two_thousand_concurrent_connections() {
+    let (b1, b2) = (Backend::start("node1"), Backend::start("node2"));
+    let (_api, p, port) = any_port(&[("node1", b1.addr), ("node2", b2.addr)], "");
+    let mut clients: Vec<Client> = (0..2000).map(|_| Client::connect(port)).collect();
+    let mut per = std::collections::HashMap::new();
+    for c in clients.iter_mut() {
+        *per.entry(c.greeting()).or_insert(0) += 1;
+    }
+    assert_eq!(per.get("node1"), Some(&1000), "{per:?}");
+    assert_eq!(per.get("node2"), Some(&1000), "{per:?}");
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert!(c.echo(&format!("client {i}")));
+    }
+    assert_eq!(p.status()["sessions"], 2000);
+    assert_eq!(
+        p.status()["buffers_in_use"],
+        0,
+        "idle sessions hold no buffer"
+    );
+    drop(clients);
+    assert!(wait_until(Duration::from_secs(10), || p.status()
+        ["sessions"]
+        == 0));
+}
+
+#[test]
+fn connect_timeout_moves_on_to_the_next_member() {
+    let hole = BlackHole::start();
+    let good = Backend::start("node2");
+    let (_api, p, port) = any_port(
+        &[("node1", hole.addr), ("node2", good.addr)],
+        "connect_timeout: 0.5",
+    );
+    let start = Instant::now();
+    let mut c = Client::connect(port);
+    assert_eq!(c.greeting(), "node2");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(p.log().contains("connect timeout; trying the next member"));
+}
+
+#[test]
+fn refused_connect_moves_on_and_all_failing_closes_the_client() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap(); // closed again
+    let good = Backend::start("node2");
+    let (api, p, port) = any_port(&[("node1", dead), ("node2", good.addr)], "");
+    for _ in 0..3 {
+        assert_eq!(whoami(port), "node2");
+    }
+    api.set(&cluster(vec![member(
+        "node1", "leader", "running", dead, None,
+    )]));
+    assert_eq!(p.update(), 200);
+    assert!(Client::connect(port).is_closed());
+    assert!(p.log().contains("every routable member failed to connect"));
+}
+
+#[test]
+fn max_connections_pauses_accepting_and_resumes() {
+    let b = Backend::start("node1");
+    let (_api, p, port) = any_port(&[("node1", b.addr)], "max_connections: 3");
+    let mut held: Vec<Client> = (0..3).map(|_| Client::connect(port)).collect();
+    for c in held.iter_mut() {
+        assert_eq!(c.greeting(), "node1");
+    }
+    // The fourth completes its TCP handshake in the backlog but is not served.
+    let mut fourth = Client::connect(port);
+    fourth
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(fourth.line().is_none());
+    assert!(p.log().contains("max_connections=3 reached"));
+    held.pop();
+    fourth
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(fourth.greeting(), "node1", "served once a slot is free");
+}
+
+#[test]
+fn running_out_of_file_descriptors_pauses_and_recovers() {
+    let b = Backend::start("node1");
+    let api = MockPatroni::start(&cluster(vec![member(
+        "node1", "leader", "running", b.addr, None,
+    )]));
+    let port = free_port();
+    let cfg = config(
+        free_port(),
+        &[api.url()],
+        &format!("rw: {{listen: \"127.0.0.1:{port}\", roles: [leader]}}"),
+        "",
+    );
+    let p = Proxy::start_with(&cfg, |cmd| {
+        // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 48,
+                    rlim_max: 48,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    p.wait_backends("main", "rw", &["node1"]);
+    // Each session needs two descriptors: 40 clients cannot all be served.
+    let mut clients: Vec<Client> = (0..40).map(|_| Client::connect(addr(port))).collect();
+    let mut served = 0;
+    for c in clients.iter_mut() {
+        c.stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        if c.line().is_some() {
+            served += 1;
+        }
+    }
+    assert!(served > 5 && served < 40, "served {served}");
+    assert!(p.wait_log("Too many open files"), "the shortage is logged");
+    drop(clients);
+    // Still alive, and serving again once descriptors are free.
+    assert!(wait_until(Duration::from_secs(10), || p.status()
+        ["sessions"]
+        == 0));
+    let mut c = Client::connect(addr(port));
+    assert_eq!(c.greeting(), "node1");
+}

@@ -1,0 +1,582 @@
+//! Shared test tools: the proxy as a child process, a mock Patroni REST API,
+//! greeting/echo backends, port allocation, and `wait_until` (no fixed
+//! sleeps). Everything binds loopback only.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_patroni-proxy");
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A port below the ephemeral range (so client sockets never take it),
+/// unique in this process and free when handed out.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 400) as u16 * 25,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::SeqCst);
+        if p >= 32_000 {
+            NEXT.store(20_000, Ordering::SeqCst);
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("0.0.0.0", p)).is_ok()
+        {
+            return p;
+        }
+    }
+}
+
+/// A per-test directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "patroni-proxy-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---- mock Patroni ----------------------------------------------------------
+
+/// How the mock answers `GET /cluster`.
+#[derive(Clone)]
+pub enum Mode {
+    /// 200 with the body, HTTP/1.0, no Content-Length, close (as Patroni).
+    Body(String),
+    /// Accept and never answer.
+    Hang,
+    /// Close without a response (Patroni on a DCS error).
+    Close,
+    /// Answer with this status and a short body.
+    Status(u16),
+}
+
+pub struct MockPatroni {
+    pub addr: SocketAddr,
+    mode: Arc<Mutex<Mode>>,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl MockPatroni {
+    pub fn start(body: &Value) -> MockPatroni {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(Mutex::new(Mode::Body(body.to_string())));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, r, s) = (mode.clone(), requests.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut hung = Vec::new();
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n")
+                    && conn.read(&mut byte).map(|n| n == 1).unwrap_or(false)
+                {
+                    head.push(byte[0]);
+                }
+                let path = String::from_utf8_lossy(&head)
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                let mode = m.lock().unwrap().clone();
+                if path == "/cluster" {
+                    r.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    let _ = conn.write_all(b"HTTP/1.0 404 Not Found\r\n\r\n");
+                    continue;
+                }
+                match mode {
+                    Mode::Body(b) => {
+                        let _ = write!(conn, "HTTP/1.0 200 OK\r\nServer: BaseHTTP/0.6 Python/3.11\r\nContent-Type: application/json\r\n\r\n{b}");
+                    }
+                    Mode::Hang => hung.push(conn),
+                    Mode::Close => drop(conn),
+                    Mode::Status(code) => {
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.0 {code} Oops\r\nContent-Type: text/plain\r\n\r\nno"
+                        );
+                    }
+                }
+            }
+        });
+        MockPatroni {
+            addr,
+            mode,
+            requests,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, body: &Value) {
+        *self.mode.lock().unwrap() = Mode::Body(body.to_string());
+    }
+
+    pub fn set_raw(&self, body: &str) {
+        *self.mode.lock().unwrap() = Mode::Body(body.to_string());
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for MockPatroni {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr); // unblock accept
+    }
+}
+
+/// A `/cluster` member entry (Patroni 4.1 shape) pointing at `addr`.
+pub fn member(name: &str, role: &str, state: &str, addr: SocketAddr, lag: Option<u64>) -> Value {
+    let mut m = json!({
+        "name": name, "role": role, "state": state,
+        "api_url": format!("http://{}:8008/patroni", addr.ip()),
+        "host": addr.ip().to_string(), "port": addr.port(), "timeline": 1,
+    });
+    if role != "leader" && role != "standby_leader" {
+        m["lag"] = lag.map_or(json!("unknown"), |l| json!(l));
+    }
+    m
+}
+
+pub fn cluster(members: Vec<Value>) -> Value {
+    json!({"members": members, "scope": "demo"})
+}
+
+/// A real captured `/cluster` body from `tests/fixtures`, with member `i`
+/// (node1, node2, ...) pointed at `addrs[i]`.
+pub fn fixture(name: &str, addrs: &HashMap<&str, SocketAddr>) -> Value {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for m in v["members"].as_array_mut().unwrap() {
+        let a = addrs[m["name"].as_str().unwrap()];
+        m["host"] = json!(a.ip().to_string());
+        m["port"] = json!(a.port());
+    }
+    v
+}
+
+// ---- backends --------------------------------------------------------------
+
+/// A server that writes `"<name>\n"` on accept, then echoes everything, and
+/// half-closes when the client does.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    pub open: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    pub fn start(name: &str) -> Backend {
+        Backend::start_on(name, "127.0.0.1:0")
+    }
+
+    pub fn start_on(name: &str, addr: &str) -> Backend {
+        let listener = TcpListener::bind(addr).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, a, o, s) = (
+            name.to_string(),
+            accepted.clone(),
+            open.clone(),
+            stop.clone(),
+        );
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                let (n, o) = (n.clone(), o.clone());
+                thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        let _ = conn.write_all(format!("{n}\n").as_bytes());
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match conn.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(k) => {
+                                    if conn.write_all(&buf[..k]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = conn.shutdown(Shutdown::Write);
+                        o.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .unwrap();
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            addr,
+            accepted,
+            open,
+            stop,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// A listener whose accept queue is full, so the kernel drops further SYNs
+/// and a connect to it hangs until the connector's timeout.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    _listener: TcpListener,
+    _fillers: Vec<TcpStream>,
+}
+
+impl BlackHole {
+    pub fn start() -> BlackHole {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: the fd is owned by `listener`; listen takes no pointers.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let addr = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        // Fill the queue: with backlog 0 Linux queues one connection; a few
+        // more make sure. These connects complete or time out quickly.
+        for _ in 0..3 {
+            if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                fillers.push(s);
+            }
+        }
+        BlackHole {
+            addr,
+            _listener: listener,
+            _fillers: fillers,
+        }
+    }
+}
+
+// ---- clients ---------------------------------------------------------------
+
+/// A client connection through the proxy.
+pub struct Client {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .expect("connect to the proxy");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client { stream, reader }
+    }
+
+    /// The backend's greeting line (its member name).
+    pub fn greeting(&mut self) -> String {
+        self.line().expect("a greeting from the backend")
+    }
+
+    /// One line, or `None` at end of stream or on error.
+    pub fn line(&mut self) -> Option<String> {
+        let mut s = String::new();
+        match self.reader.read_line(&mut s) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(s.trim_end().to_string()),
+        }
+    }
+
+    /// Sends a line and expects it back.
+    pub fn echo(&mut self, msg: &str) -> bool {
+        if self
+            .stream
+            .write_all(format!("{msg}\n").as_bytes())
+            .is_err()
+        {
+            return false;
+        }
+        self.line().as_deref() == Some(msg)
+    }
+
+    /// True when the proxy closed the connection (EOF or reset).
+    pub fn is_closed(&mut self) -> bool {
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        matches!(self.reader.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// Connects through `addr` and returns the greeting (the member reached).
+pub fn whoami(addr: SocketAddr) -> String {
+    Client::connect(addr).greeting()
+}
+
+// ---- the proxy -------------------------------------------------------------
+
+pub struct Proxy {
+    pub child: Child,
+    pub dir: TempDir,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl Proxy {
+    /// Starts the proxy with `config` (YAML) and waits for its admin port.
+    pub fn start(config: &str) -> Proxy {
+        Proxy::start_with(config, |_| {})
+    }
+
+    pub fn start_with(config: &str, tweak: impl FnOnce(&mut Command)) -> Proxy {
+        let dir = TempDir::new();
+        let config_path = dir.0.join("patroni-proxy.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = dir.0.join("proxy.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let admin = admin_address(config);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("-v")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        tweak(&mut cmd);
+        let child = cmd.spawn().expect("spawn patroni-proxy");
+        let p = Proxy {
+            child,
+            dir,
+            admin,
+            config_path,
+            log_path,
+        };
+        let up = wait_until(Duration::from_secs(10), || {
+            p.get("/").map(|r| r.0 == 200).unwrap_or(false)
+        });
+        assert!(up, "proxy did not come up; log:\n{}", p.log());
+        p
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `GET path` on the admin interface: (status, body).
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.admin, path)
+    }
+
+    /// The `/clusters` document.
+    pub fn status(&self) -> Value {
+        let (code, body) = self.get("/clusters").unwrap();
+        assert_eq!(code, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Member names routable on `cluster`'s `port`.
+    pub fn backends(&self, cluster: &str, port: &str) -> Vec<String> {
+        let s = self.status();
+        s["clusters"][cluster]["ports"][port]["backends"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| b["member"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until `port` routes to exactly `members` (in member order).
+    pub fn wait_backends(&self, cluster: &str, port: &str, members: &[&str]) {
+        let ok = wait_until(Duration::from_secs(10), || {
+            self.backends(cluster, port) == members
+        });
+        assert!(
+            ok,
+            "port {cluster}:{port} never routed to {members:?}; has {:?}\nlog:\n{}",
+            self.backends(cluster, port),
+            self.log()
+        );
+    }
+
+    /// Polls every cluster now; returns the status code.
+    pub fn update(&self) -> u16 {
+        self.get("/update_clusters").unwrap().0
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill with a valid pid and signal number has no memory effects.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
+    }
+
+    /// Replaces the config file (for SIGHUP tests).
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(&self.config_path, config).unwrap();
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> bool {
+        wait_until(Duration::from_secs(10), || self.log().contains(needle))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("---- proxy log ----\n{}", self.log());
+        }
+    }
+}
+
+fn admin_address(config: &str) -> SocketAddr {
+    config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listen_address:"))
+        .map(|v| v.trim().trim_matches('"').parse().unwrap())
+        .unwrap_or_else(|| "127.0.0.1:8009".parse().unwrap())
+}
+
+/// A minimal HTTP/1.0 GET.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// A config with one cluster; `ports` is YAML for the `ports:` map, indented
+/// by the caller's choice (each line gets six spaces here).
+pub fn config(admin_port: u16, hosts: &[String], ports: &str, extra: &str) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    let ports: String = ports.lines().map(|l| format!("      {l}\n")).collect();
+    format!(
+        "cluster_update_interval: 0.2\nlisten_address: \"127.0.0.1:{admin_port}\"\nlog_level: debug\n{extra}\nclusters:\n  main:\n    hosts: [{}]\n    ports:\n{ports}",
+        hosts.join(", ")
+    )
+}
+
+/// The inode of the socket listening on `port` in process `pid` (to prove a
+/// listener was not re-created).
+pub fn listen_inode(pid: i32, port: u16) -> Option<u64> {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let inode: u64 = tcp.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f[1].split(':').nth(1)?, 16).ok()?;
+        (local_port == port && f[3] == "0A")
+            .then(|| f[9].parse().ok())
+            .flatten()
+    })?;
+    let owned = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .any(|e| {
+            std::fs::read_link(e.path())
+                .map(|t| t.to_string_lossy() == format!("socket:[{inode}]"))
+                .unwrap_or(false)
+        });
+    owned.then_some(inode)
+}
