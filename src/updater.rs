@@ -297,8 +297,9 @@ impl Worker {
         patroni::parse(&body)
     }
 
-    /// Fills in `ip` for every member with a host: IP literals directly,
-    /// names through the system resolver (cached for [`DNS_CACHE`]).
+    /// Fills in `ip` for every member with a host: IP literals (IPv6 with or
+    /// without brackets) directly, names through the system resolver (cached
+    /// for [`DNS_CACHE`]).
     fn resolve(&mut self, topo: &mut Topology) {
         let now = Instant::now();
         for m in &mut topo.members {
@@ -317,7 +318,12 @@ impl Worker {
                 }
             }
             let ip = match (host, 0u16).to_socket_addrs() {
-                Ok(mut addrs) => addrs.next().map(|a| a.ip()),
+                // A name with both families: IPv4 first, as PostgreSQL's
+                // connect_address is nearly always configured that way.
+                Ok(addrs) => {
+                    let ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+                    ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied()
+                }
                 Err(e) => {
                     warn!(
                         "cluster={} member={} cannot resolve host {host:?}: {e}",

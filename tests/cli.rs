@@ -116,3 +116,40 @@ fn help_version_and_usage_errors() {
     let o = run(&["a.yaml", "b.yaml"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn example_config_is_valid_and_every_key_and_route_is_documented() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let example = format!("{root}/packaging/patroni-proxy.example.yaml");
+    let o = run(&["-t", &example]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let man5 = std::fs::read_to_string(format!("{root}/man/patroni-proxy.5")).unwrap();
+    let text = std::fs::read_to_string(&example).unwrap();
+    let names = ["main", "rw", "ro"]; // cluster and port names, not keys
+    let mut keys = 0;
+    for line in text.lines() {
+        let t = line.trim_start();
+        let Some((key, _)) = t.split_once(':') else {
+            continue;
+        };
+        if t.starts_with('#')
+            || !key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            || names.contains(&key)
+        {
+            continue;
+        }
+        keys += 1;
+        assert!(
+            man5.contains(&format!(".B {key}\n")) || man5.contains(&format!("\\fB{key}\\fR")),
+            "config key {key} is not documented in man/patroni-proxy.5"
+        );
+    }
+    assert!(keys >= 20, "{keys} keys found in the example");
+    let man1 = std::fs::read_to_string(format!("{root}/man/patroni-proxy.1")).unwrap();
+    for (path, _) in patroni_proxy::admin::Route::ALL {
+        assert!(
+            man1.contains(&format!(".B GET {path}\n")),
+            "admin route {path} is not in man/patroni-proxy.1"
+        );
+    }
+}

@@ -341,3 +341,32 @@ fn host_port_overrides_the_member_port() {
     assert_eq!(seen, ["node2", "node3"]);
     assert_eq!(nodes[0].accepted(), 1);
 }
+
+#[test]
+fn member_hosts_may_be_dns_names_or_ipv6_literals() {
+    let v4 = Backend::start("node1");
+    let v6 = std::net::TcpListener::bind("[::1]:0")
+        .ok()
+        .map(drop)
+        .map(|_| Backend::start_on("node2", "[::1]:0"));
+    let mut leader = member("node1", "leader", "running", v4.addr, None);
+    leader["host"] = serde_json::json!("localhost");
+    let mut members = vec![leader];
+    if let Some(b) = &v6 {
+        members.push(member("node2", "replica", "streaming", b.addr, Some(0)));
+    }
+    let api = MockPatroni::start(&cluster(members));
+    let (rw, ro) = (free_port(), free_port());
+    let ports = format!(
+        "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}\nro: {{listen: \"127.0.0.1:{ro}\", roles: [async]}}"
+    );
+    let p = Proxy::start(&config(free_port(), &[api.url()], &ports, ""));
+    p.wait_backends("main", "rw", &["node1"]);
+    assert_eq!(whoami(addr(rw)), "node1", "resolved in the updater thread");
+    if v6.is_some() {
+        p.wait_backends("main", "ro", &["node2"]);
+        assert_eq!(whoami(addr(ro)), "node2", "an IPv6 member address");
+    } else {
+        eprintln!("no IPv6 loopback here: IPv6 member part skipped");
+    }
+}
