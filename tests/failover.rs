@@ -287,3 +287,20 @@ fn stale_topology_refuses_new_clients_but_keeps_sessions() {
     assert!(rig.proxy.wait_log("topology fresh again"));
     assert_eq!(whoami(rig.rw), "node1");
 }
+
+#[test]
+fn proxy_environment_variables_do_not_hijack_api_polls() {
+    let n1 = Backend::start("node1");
+    let api = MockPatroni::start(&cluster(vec![member("node1", "leader", "running", n1.addr, None)]));
+    let rw = free_port();
+    let cfg = config(free_port(), &[api.url()], &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"), "");
+    // Port 9 (discard) on loopback: nothing listens, every proxied request would fail.
+    let p = Proxy::start_with(&cfg, |cmd| {
+        for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+            cmd.env(var, "http://127.0.0.1:9");
+        }
+    });
+    p.wait_backends("main", "rw", &["node1"]);
+    assert_eq!(p.update(), 200);
+    assert_eq!(whoami(addr(rw)), "node1");
+}
