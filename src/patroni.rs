@@ -164,7 +164,7 @@ mod tests {
         };
         routable(t, &f)
             .into_iter()
-            .map(|(n, a)| format!("{n}@{a}"))
+            .map(|r| format!("{}@{}", r.member, r.addr))
             .collect()
     }
 

@@ -16,6 +16,13 @@
 //! 5. lag, on ports with `max_lag_in_bytes`, for non-leaders: `replay_lag`
 //!    when it is a number, else `lag`; unknown lag is over any limit;
 //! 6. a resolved address.
+//!
+//! A routable member can also be *draining*: a `leader` that is `running`
+//! but publishes no `timeline`. Patroni omits the timeline exactly while an
+//! action other than promote (demote, restart) is scheduled on the member,
+//! which is how a switchover looks for about a second before the new leader
+//! shows. A draining member gets no new clients (they wait for the next
+//! leader), but its open sessions are not closed for it.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -248,14 +255,31 @@ pub fn eligibility(
     Ok(SocketAddr::new(ip, port))
 }
 
+/// A member a port may route to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub member: &'a str,
+    pub addr: SocketAddr,
+    /// Keep its sessions, but send it no new clients (see module docs).
+    pub draining: bool,
+}
+
+/// Whether a routable member should get no new clients.
+pub fn is_draining(m: &Member) -> bool {
+    m.role == Role::Leader && m.timeline.is_none()
+}
+
 /// The routable members of `topo` for `filter`, in member order.
-pub fn routable<'a>(topo: &'a Topology, filter: &PortFilter) -> Vec<(&'a str, SocketAddr)> {
+pub fn routable<'a>(topo: &'a Topology, filter: &PortFilter) -> Vec<Route<'a>> {
     topo.members
         .iter()
         .filter_map(|m| {
-            eligibility(topo, m, filter)
-                .ok()
-                .map(|a| (m.name.as_str(), a))
+            let addr = eligibility(topo, m, filter).ok()?;
+            Some(Route {
+                member: &m.name,
+                addr,
+                draining: is_draining(m),
+            })
         })
         .collect()
 }
@@ -441,7 +465,7 @@ mod tests {
     fn names(t: &Topology, f: &PortFilter) -> Vec<String> {
         routable(t, f)
             .into_iter()
-            .map(|(n, _)| n.to_string())
+            .map(|r| r.member.to_string())
             .collect()
     }
 
@@ -563,14 +587,34 @@ mod tests {
     fn host_port_overrides_member_port() {
         let t = cluster(vec![member("n1", "leader", "running", None)]);
         let mut f = filter(&[PortRole::Leader], None);
-        assert_eq!(routable(&t, &f)[0].1, "127.0.0.1:5441".parse().unwrap());
+        assert_eq!(routable(&t, &f)[0].addr, "127.0.0.1:5441".parse().unwrap());
         f.host_port = Some(6432);
-        assert_eq!(routable(&t, &f)[0].1, "127.0.0.1:6432".parse().unwrap());
+        assert_eq!(routable(&t, &f)[0].addr, "127.0.0.1:6432".parse().unwrap());
         let mut t2 = t.clone();
         t2.members[0].ip = None;
         assert_eq!(
             eligibility(&t2, &t2.members[0], &f),
             Err(Exclusion::NoAddress)
+        );
+    }
+
+    #[test]
+    fn a_leader_without_timeline_is_draining() {
+        let mut t = cluster(vec![
+            member("n1", "leader", "running", None),
+            member("n2", "replica", "streaming", Some(0)),
+        ]);
+        let f = filter(&[PortRole::Any], None);
+        assert!(routable(&t, &f).iter().all(|r| !r.draining));
+        // Patroni is demoting n1 (switchover): still leader, running, no timeline.
+        t.members[0].timeline = None;
+        t.members[1].timeline = None;
+        let r = routable(&t, &f);
+        assert_eq!(r.len(), 2, "still routable: its sessions are kept");
+        assert!(r[0].draining, "but it takes no new clients");
+        assert!(
+            !r[1].draining,
+            "replicas without a timeline are not draining"
         );
     }
 

@@ -291,16 +291,74 @@ fn stale_topology_refuses_new_clients_but_keeps_sessions() {
 #[test]
 fn proxy_environment_variables_do_not_hijack_api_polls() {
     let n1 = Backend::start("node1");
-    let api = MockPatroni::start(&cluster(vec![member("node1", "leader", "running", n1.addr, None)]));
+    let api = MockPatroni::start(&cluster(vec![member(
+        "node1", "leader", "running", n1.addr, None,
+    )]));
     let rw = free_port();
-    let cfg = config(free_port(), &[api.url()], &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"), "");
+    let cfg = config(
+        free_port(),
+        &[api.url()],
+        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"),
+        "",
+    );
     // Port 9 (discard) on loopback: nothing listens, every proxied request would fail.
     let p = Proxy::start_with(&cfg, |cmd| {
-        for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+        for var in [
+            "HTTP_PROXY",
+            "http_proxy",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
             cmd.env(var, "http://127.0.0.1:9");
         }
     });
     p.wait_backends("main", "rw", &["node1"]);
     assert_eq!(p.update(), 200);
     assert_eq!(whoami(addr(rw)), "node1");
+}
+
+#[test]
+fn leader_being_demoted_keeps_its_sessions_but_new_clients_wait_for_the_next() {
+    let rig = rig("", "");
+    let mut open = Client::connect(rig.rw);
+    assert_eq!(open.greeting(), "node1");
+    // Switchover under way: Patroni publishes the old leader without a
+    // timeline while it stops PostgreSQL (real 3.0.2 capture shape).
+    let mut demoting = member("node1", "leader", "running", rig.nodes[0].addr, None);
+    demoting.as_object_mut().unwrap().remove("timeline");
+    rig.api.set(&cluster(vec![
+        demoting,
+        member("node2", "replica", "streaming", rig.nodes[1].addr, Some(0)),
+        member("node3", "replica", "streaming", rig.nodes[2].addr, Some(0)),
+    ]));
+    assert_eq!(rig.proxy.update(), 200);
+    assert!(rig.proxy.wait_log("member=node1 draining"));
+    assert!(open.echo("not cut for a missing timeline"));
+    let mut held = Client::connect(rig.rw);
+    held.stream
+        .set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    assert!(
+        held.line().is_none(),
+        "no new client goes to a leader being demoted"
+    );
+    rig.set(&[
+        ("node1", "replica", "stopping"),
+        ("node2", "leader", "running"),
+        ("node3", "replica", "streaming"),
+    ]);
+    held.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        held.greeting(),
+        "node2",
+        "the held client goes to the new leader (fast polling)"
+    );
+    assert!(
+        open.is_closed(),
+        "and the demoted leader's session is closed"
+    );
 }

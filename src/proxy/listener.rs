@@ -14,7 +14,7 @@ use std::time::Duration;
 use mio::net::TcpListener;
 
 use crate::config::{ClusterConfig, PortConfig};
-use crate::topology::{pick_least, PortFilter};
+use crate::topology::{pick_least, PortFilter, Route};
 
 /// A member this port may route to.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub struct Backend {
     pub member: Rc<str>,
     pub addr: SocketAddr,
     pub active: u32,
+    /// Routable, but takes no new clients (a leader being demoted).
+    pub draining: bool,
 }
 
 /// Where a session goes: the member and the address dialled.
@@ -40,6 +42,12 @@ pub struct Listener {
     cursor: usize,
     /// The kernel said there are connections to accept; cleared on WouldBlock.
     pub accept_ready: bool,
+}
+
+impl Backend {
+    pub fn is(&self, r: &Route) -> bool {
+        *self.member == *r.member && self.addr == r.addr
+    }
 }
 
 impl Listener {
@@ -76,28 +84,35 @@ impl Listener {
     }
 
     /// Replaces the routable set, keeping counters of backends that stay.
-    pub fn set_backends(&mut self, routable: &[(&str, SocketAddr)]) {
+    pub fn set_backends(&mut self, routable: &[Route]) {
         let old = std::mem::take(&mut self.backends);
         self.backends = routable
             .iter()
-            .map(
-                |(name, addr)| match old.iter().find(|b| &*b.member == *name && b.addr == *addr) {
-                    Some(b) => b.clone(),
-                    None => Backend {
-                        member: Rc::from(*name),
-                        addr: *addr,
-                        active: 0,
-                    },
+            .map(|r| match old.iter().find(|b| b.is(r)) {
+                Some(b) => Backend {
+                    draining: r.draining,
+                    ..b.clone()
                 },
-            )
+                None => Backend {
+                    member: Rc::from(r.member),
+                    addr: r.addr,
+                    active: 0,
+                    draining: r.draining,
+                },
+            })
             .collect();
+    }
+
+    /// A backend that new clients can be sent to.
+    pub fn has_open_backend(&self) -> bool {
+        self.backends.iter().any(|b| !b.draining)
     }
 
     /// Least connections among backends whose address is not in `tried`;
     /// counts the pick.
     pub fn pick(&mut self, tried: &[SocketAddr]) -> Option<Target> {
         let i = pick_least(&self.backends, self.cursor, |b| {
-            (!tried.contains(&b.addr)).then_some(b.active)
+            (!b.draining && !tried.contains(&b.addr)).then_some(b.active)
         })?;
         self.cursor = i + 1;
         let b = &mut self.backends[i];

@@ -780,10 +780,7 @@ impl Proxy {
             .unwrap_or_default();
         let mut evicted: Vec<(Target, String)> = Vec::new();
         for b in &l.backends {
-            if !routable
-                .iter()
-                .any(|(n, a)| **n == *b.member && *a == b.addr)
-            {
+            if !routable.iter().any(|r| b.is(r)) {
                 let reason = match topo.and_then(|t| t.member(&b.member).map(|m| (t, m))) {
                     None => "removed from the cluster".to_string(),
                     Some((t, m)) => match topology::eligibility(t, m, &l.filter) {
@@ -794,17 +791,30 @@ impl Proxy {
                 evicted.push(((b.member.clone(), b.addr), reason));
             }
         }
-        for (name, addr) in &routable {
-            if !l
-                .backends
-                .iter()
-                .any(|b| *b.member == **name && b.addr == *addr)
-            {
-                info!("port={} member={name} addr={addr} routable", l.label);
+        for r in &routable {
+            match l.backends.iter().find(|b| b.is(r)) {
+                None => info!(
+                    "port={} member={} addr={} routable{}",
+                    l.label,
+                    r.member,
+                    r.addr,
+                    if r.draining { " but draining" } else { "" }
+                ),
+                Some(b) if b.draining != r.draining => info!(
+                    "port={} member={} {}",
+                    l.label,
+                    r.member,
+                    if r.draining {
+                        "draining: a leader without timeline (Patroni is demoting or restarting it); new clients wait"
+                    } else {
+                        "no longer draining; taking new clients"
+                    }
+                ),
+                Some(_) => {}
             }
         }
         l.set_backends(&routable);
-        let has_backends = !l.backends.is_empty();
+        let has_backends = l.has_open_backend();
         let label = l.label.clone();
 
         let mut close = Vec::new();
@@ -1382,7 +1392,9 @@ impl Proxy {
                 let backends: Vec<Value> = l
                     .backends
                     .iter()
-                    .map(|b| json!({"member": &*b.member, "addr": b.addr.to_string(), "active": b.active}))
+                    .map(|b| {
+                        json!({"member": &*b.member, "addr": b.addr.to_string(), "active": b.active, "draining": b.draining})
+                    })
                     .collect();
                 ports.insert(
                     port_name(l).to_string(),
