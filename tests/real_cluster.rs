@@ -1,0 +1,838 @@
+//! Scenarios against a real Patroni cluster (etcd + PostgreSQL + Patroni on
+//! 127.0.0.1, managed by `tests/cluster/cluster`). Run by `tests/cluster/run`
+//! for each Patroni version:
+//!
+//! ```text
+//! PATRONI_VERSION=3 cargo test --test real_cluster -- --ignored --test-threads=1 --nocapture
+//! ```
+//!
+//! Every scenario starts from a healthy cluster (it starts whatever is
+//! missing) and does not assume which member leads. Clients speak the
+//! PostgreSQL protocol (`tests/pg`) and ask `pg_is_in_recovery(),
+//! inet_server_port()` to learn where they landed. Lines starting with
+//! `REPORT` are the figures the suite records (failover timings, pgbench).
+
+#[path = "util/mod.rs"]
+mod util;
+
+mod pg;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use pg::{whereami, Pg};
+use util::{free_port, http_get, wait_until, Proxy};
+
+/// The proxy's poll interval in these scenarios.
+const INTERVAL: f64 = 1.0;
+const CONNECT: Duration = Duration::from_secs(45);
+
+struct Node {
+    name: String,
+    pg: SocketAddr,
+    api: String,
+    config: PathBuf,
+}
+
+struct Cluster {
+    version: String,
+    nodes: Vec<Node>,
+    patronictl: String,
+    script: PathBuf,
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cluster/cluster")
+}
+
+fn run_script(args: &[&str]) -> String {
+    let out = Command::new(script())
+        .args(args)
+        .output()
+        .expect("run tests/cluster/cluster");
+    assert!(
+        out.status.success(),
+        "tests/cluster/cluster {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The running cluster, started (or completed) and healthy.
+fn cluster() -> Cluster {
+    run_script(&["start"]);
+    let env = run_script(&["env"]);
+    let get = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let n: usize = get("NODES").parse().unwrap();
+    let nodes = (1..=n)
+        .map(|i| {
+            let v = get(&format!("NODE{i}"));
+            let f: Vec<&str> = v.split(' ').collect();
+            Node {
+                name: format!("node{i}"),
+                pg: f[0].parse().unwrap(),
+                api: f[1].into(),
+                config: f[2].into(),
+            }
+        })
+        .collect();
+    Cluster {
+        version: get("PATRONI_VERSION"),
+        nodes,
+        patronictl: get("PATRONICTL"),
+        script: script(),
+    }
+}
+
+impl Cluster {
+    /// `/cluster` from the first member that answers.
+    fn topology(&self) -> Option<Value> {
+        self.nodes.iter().find_map(|n| {
+            let addr = n.api.trim_start_matches("http://").parse().ok()?;
+            let (code, body) = http_get(addr, "/cluster").ok()?;
+            (code == 200)
+                .then(|| serde_json::from_str(&body).ok())
+                .flatten()
+        })
+    }
+
+    fn leader(&self) -> &Node {
+        let t = self.topology().expect("a /cluster answer");
+        let name = t["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["role"] == "leader")
+            .and_then(|m| m["name"].as_str())
+            .expect("a leader")
+            .to_string();
+        self.node(&name)
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).unwrap()
+    }
+
+    fn by_port(&self, port: u16) -> &Node {
+        self.nodes.iter().find(|n| n.pg.port() == port).unwrap()
+    }
+
+    fn replicas(&self) -> Vec<&Node> {
+        let leader = self.leader().name.clone();
+        self.nodes.iter().filter(|n| n.name != leader).collect()
+    }
+
+    /// The running leader other than `old`, once `/cluster` shows one.
+    fn wait_new_leader(&self, old: &str, timeout: Duration) -> (String, Instant) {
+        let mut found = None;
+        let ok = wait_until(timeout, || {
+            found = self.topology().and_then(|t| {
+                t["members"].as_array()?.iter().find_map(|m| {
+                    (m["role"] == "leader" && m["state"] == "running" && m["name"] != old)
+                        .then(|| m["name"].as_str().unwrap().to_string())
+                })
+            });
+            found.is_some()
+        });
+        assert!(ok, "no new leader within {timeout:?}");
+        (found.unwrap(), Instant::now())
+    }
+
+    fn wait_member(&self, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) {
+        let ok = wait_until(timeout, || {
+            self.topology().is_some_and(|t| {
+                t["members"]
+                    .as_array()
+                    .is_some_and(|ms| ms.iter().any(|m| m["name"] == name && pred(m)))
+            })
+        });
+        assert!(
+            ok,
+            "member {name} never reached the expected state: {:?}",
+            self.topology()
+        );
+    }
+
+    fn patronictl(&self, args: &[&str]) {
+        let config = &self
+            .nodes
+            .iter()
+            .find(|n| n.config.exists())
+            .unwrap()
+            .config;
+        let out = Command::new(&self.patronictl)
+            .arg("-c")
+            .arg(config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "patronictl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.script).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A session straight to a member (not through the proxy).
+    fn direct(&self, node: &Node) -> Pg {
+        Pg::connect(node.pg, Duration::from_secs(10)).expect("direct connection")
+    }
+}
+
+/// The proxy in front of the cluster: one port per role.
+struct Rig {
+    c: Cluster,
+    proxy: Proxy,
+    rw: SocketAddr,
+    ro: SocketAddr,
+    sync: SocketAddr,
+    any: SocketAddr,
+}
+
+fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
+    let [rw, ro, sync, any] = [0; 4].map(|_| free_port());
+    let ports = format!(
+        "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 40}}\n\
+         ro: {{listen: \"127.0.0.1:{ro}\", roles: [sync, async], max_lag_in_bytes: 1048576}}\n\
+         sync: {{listen: \"127.0.0.1:{sync}\", roles: [sync], backend_wait_timeout: 0}}\n\
+         any: {{listen: \"127.0.0.1:{any}\", roles: [any]}}"
+    );
+    let cfg = util::config(free_port(), &hosts, &ports, "").replace(
+        "cluster_update_interval: 0.2",
+        &format!("cluster_update_interval: {INTERVAL}"),
+    );
+    let proxy = Proxy::start(&cfg);
+    let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
+    let n = c.nodes.len();
+    proxy.wait_backends("main", "rw", &[c.leader().name.as_str()]);
+    assert!(wait_until(Duration::from_secs(20), || proxy
+        .backends("main", "ro")
+        .len()
+        == n - 1));
+    Rig {
+        c,
+        proxy,
+        rw: a(rw),
+        ro: a(ro),
+        sync: a(sync),
+        any: a(any),
+    }
+}
+
+fn rig() -> Rig {
+    let c = cluster();
+    let hosts = c.nodes.iter().map(|n| n.api.clone()).collect();
+    rig_with_hosts(c, hosts)
+}
+
+fn report(what: &str, text: String) {
+    println!("REPORT patroni-{} {what}: {text}", version_label());
+}
+
+fn version_label() -> String {
+    std::env::var("PATRONI_VERSION").unwrap_or_else(|_| "3".into())
+}
+
+/// Writes through the leader port until one succeeds on a member other than
+/// the one on `old_port`; returns when and where.
+fn first_write(rw: SocketAddr, old_port: u16, deadline: Duration) -> (Instant, u16) {
+    let end = Instant::now() + deadline;
+    loop {
+        let attempt = Pg::connect(rw, CONNECT).and_then(|mut pg| {
+            pg.query("CREATE TABLE IF NOT EXISTS pp_probe (at timestamptz); INSERT INTO pp_probe VALUES (now())")?;
+            pg.whereami()
+        });
+        match attempt {
+            Ok((false, port)) if port != old_port => return (Instant::now(), port),
+            Ok((false, _)) => thread::sleep(Duration::from_millis(20)),
+            Ok((true, port)) => panic!("the leader port reached a replica on {port}"),
+            Err(_) if Instant::now() < end => thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("no write through the proxy within {deadline:?}: {e}"),
+        }
+    }
+}
+
+/// Opens sessions on the replica port until there is one on each replica.
+fn one_session_per_replica(rig: &Rig) -> Vec<(u16, Pg)> {
+    let want = rig.c.nodes.len() - 1;
+    let mut out: Vec<(u16, Pg)> = Vec::new();
+    for _ in 0..want * 3 {
+        let mut s = Pg::connect(rig.ro, CONNECT).unwrap();
+        let (recovery, port) = s.whereami().unwrap();
+        assert!(recovery, "the replica port reached the leader");
+        if !out.iter().any(|(p, _)| *p == port) {
+            out.push((port, s));
+        }
+        if out.len() == want {
+            break;
+        }
+    }
+    assert_eq!(
+        out.len(),
+        want,
+        "least connections spreads clients over every replica"
+    );
+    out
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn a_routing_by_role() {
+    let rig = rig();
+    let leader = rig.c.leader().pg.port();
+    for _ in 0..3 {
+        assert_eq!(whereami(rig.rw, CONNECT).unwrap(), (false, leader));
+    }
+    // Least connections over the streaming replicas.
+    let held: Vec<Pg> = (0..4)
+        .map(|_| Pg::connect(rig.ro, CONNECT).unwrap())
+        .collect();
+    let mut ports: Vec<u16> = held
+        .into_iter()
+        .map(|mut s| s.whereami().unwrap())
+        .map(|(r, p)| {
+            assert!(r, "replica port reached a primary");
+            p
+        })
+        .collect();
+    ports.sort();
+    let replicas: Vec<u16> = rig.c.replicas().iter().map(|n| n.pg.port()).collect();
+    assert_eq!(ports.len(), 4);
+    for r in &replicas {
+        assert_eq!(ports.iter().filter(|p| *p == r).count(), 2, "{ports:?}");
+    }
+    // `any` reaches all members.
+    let held: Vec<Pg> = (0..3)
+        .map(|_| Pg::connect(rig.any, CONNECT).unwrap())
+        .collect();
+    let mut any: Vec<u16> = held
+        .into_iter()
+        .map(|mut s| s.whereami().unwrap().1)
+        .collect();
+    any.sort();
+    let mut all: Vec<u16> = rig.c.nodes.iter().map(|n| n.pg.port()).collect();
+    all.sort();
+    assert_eq!(any, all);
+    // No synchronous mode: the sync port has nobody and refuses at once.
+    assert!(rig.proxy.backends("main", "sync").is_empty());
+    assert!(whereami(rig.sync, CONNECT).is_err());
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn b_kill_the_leader() {
+    let rig = rig();
+    let old = rig.c.leader();
+    let (old_name, old_port) = (old.name.clone(), old.pg.port());
+    let mut on_leader = Pg::connect(rig.rw, CONNECT).unwrap();
+    assert_eq!(on_leader.whereami().unwrap(), (false, old_port));
+    let replicas = one_session_per_replica(&rig);
+
+    let killed_at = Instant::now();
+    let killed = rig.c.run(&["kill-leader"]);
+    assert_eq!(format!("node{killed}"), old_name);
+    let writer = {
+        let rw = rig.rw;
+        thread::spawn(move || first_write(rw, old_port, Duration::from_secs(90)))
+    };
+    let (new_name, seen_at) = rig.c.wait_new_leader(&old_name, Duration::from_secs(90));
+    let (written_at, port) = writer.join().unwrap();
+    let new = rig.c.node(&new_name);
+    assert_eq!(port, new.pg.port(), "writes land on the new leader");
+    let lag = written_at.saturating_duration_since(seen_at).as_secs_f64();
+    report(
+        "kill-leader",
+        format!(
+            "new leader {new_name} in /cluster {:.2}s after the kill; first write through the proxy {lag:.2}s after that",
+            seen_at.duration_since(killed_at).as_secs_f64()
+        ),
+    );
+    assert!(
+        lag <= INTERVAL + 0.5,
+        "first write {lag:.2}s after /cluster showed the new leader"
+    );
+    assert!(
+        on_leader.query("SELECT 1").is_err(),
+        "the session to the dead leader is gone"
+    );
+    for (port, mut s) in replicas {
+        let survived = s.query("SELECT 1").is_ok();
+        if port == new.pg.port() {
+            assert!(
+                !survived,
+                "the promoted replica's replica-port session is closed"
+            );
+        } else {
+            assert!(
+                survived,
+                "the session on the surviving replica is still usable"
+            );
+        }
+    }
+    rig.c.run(&["start"]); // the killed member rejoins
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn c_switchover() {
+    let rig = rig();
+    let old = rig.c.leader().name.clone();
+    let candidate = rig.c.replicas()[0].name.clone();
+    let mut on_leader = Pg::connect(rig.rw, CONNECT).unwrap();
+    let old_port = on_leader.whereami().unwrap().1;
+    // Writing from before the switchover: the first write that lands on
+    // another member is the one that counts.
+    let writer = {
+        let rw = rig.rw;
+        thread::spawn(move || first_write(rw, old_port, Duration::from_secs(60)))
+    };
+    let started = Instant::now();
+    rig.c.patronictl(&[
+        "switchover",
+        "demo",
+        "--leader",
+        &old,
+        "--candidate",
+        &candidate,
+        "--force",
+    ]);
+    let (new_name, seen_at) = rig.c.wait_new_leader(&old, Duration::from_secs(60));
+    assert_eq!(new_name, candidate);
+    let (written_at, port) = writer.join().unwrap();
+    assert_eq!(port, rig.c.node(&candidate).pg.port());
+    let lag = written_at.saturating_duration_since(seen_at).as_secs_f64();
+    report(
+        "switchover",
+        format!(
+            "new leader {new_name} in /cluster {:.2}s after patronictl started; first write through the proxy {lag:.2}s after that",
+            seen_at.duration_since(started).as_secs_f64()
+        ),
+    );
+    assert!(
+        lag <= INTERVAL + 0.5,
+        "first write {lag:.2}s after /cluster showed the new leader"
+    );
+    assert!(
+        on_leader.query("SELECT 1").is_err(),
+        "the demoted leader's leader-port session is closed"
+    );
+    rig.c.run(&["wait"]);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn d_stopped_replica_leaves_and_comes_back() {
+    let rig = rig();
+    let victim = rig.c.replicas()[0].name.clone();
+    let i = &victim[4..];
+    rig.c.run(&["stop-node", i]);
+    rig.c.wait_member(&victim, Duration::from_secs(30), |m| {
+        m["state"] != "running" && m["state"] != "streaming"
+    });
+    assert!(wait_until(Duration::from_secs(10), || !rig
+        .proxy
+        .backends("main", "ro")
+        .contains(&victim)));
+    let port = rig.c.node(&victim).pg.port();
+    for _ in 0..4 {
+        assert_ne!(
+            whereami(rig.ro, CONNECT).unwrap().1,
+            port,
+            "the stopped replica gets no clients"
+        );
+    }
+    rig.c.run(&["start"]);
+    assert!(wait_until(Duration::from_secs(30), || rig
+        .proxy
+        .backends("main", "ro")
+        .contains(&victim)));
+    let mut seen = false;
+    for _ in 0..6 {
+        seen |= whereami(rig.ro, CONNECT).unwrap().1 == port;
+    }
+    assert!(seen, "the restarted replica takes clients again");
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn e_lagging_replica_is_evicted_and_returns() {
+    let rig = rig();
+    let sessions = one_session_per_replica(&rig);
+    let victim_port = sessions[0].0;
+    let victim = rig.c.by_port(victim_port).name.clone();
+    // Patroni 4.1 reports replay_lag: pause replay. Older Patronis report
+    // only `lag`, which follows the received position: stop the WAL
+    // receiver instead (SIGSTOP), so the received position stalls.
+    let v4 = rig.c.version == "4";
+    let mut direct = rig.c.direct(rig.c.by_port(victim_port));
+    let walreceiver = if v4 {
+        direct.query("SELECT pg_wal_replay_pause()").unwrap();
+        None
+    } else {
+        let pid = direct
+            .query("SELECT pid FROM pg_stat_wal_receiver")
+            .unwrap()[0][0]
+            .clone()
+            .unwrap();
+        assert_eq!(signal(&pid, "STOP"), 0);
+        Some(pid)
+    };
+    let mut writer = Pg::connect(rig.rw, CONNECT).unwrap();
+    writer
+        .query("CREATE TABLE IF NOT EXISTS pp_lag (x text)")
+        .unwrap();
+    let evicted = wait_until(Duration::from_secs(60), || {
+        let _ = writer
+            .query("INSERT INTO pp_lag SELECT repeat('x', 1000) FROM generate_series(1, 2000)");
+        !rig.proxy.backends("main", "ro").contains(&victim)
+    });
+    assert!(
+        evicted,
+        "the lagging replica never left the replica port: {:?}",
+        rig.c.topology()
+    );
+    let mut sessions = sessions;
+    assert!(
+        sessions[0].1.query("SELECT 1").is_err(),
+        "its session on the lag-limited port was closed"
+    );
+    assert!(
+        sessions[1].1.query("SELECT 1").is_ok(),
+        "the other replica's session is untouched"
+    );
+    for _ in 0..4 {
+        assert_ne!(whereami(rig.ro, CONNECT).unwrap().1, victim_port);
+    }
+    assert!(
+        rig.proxy.log().contains(&format!("member={victim}")),
+        "eviction logged"
+    );
+    // The `any` port has no lag limit: the member stays there.
+    assert!(rig.proxy.backends("main", "any").contains(&victim));
+    match walreceiver {
+        None => {
+            direct.query("SELECT pg_wal_replay_resume()").unwrap();
+        }
+        Some(pid) => assert_eq!(signal(&pid, "CONT"), 0),
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || rig
+            .proxy
+            .backends("main", "ro")
+            .contains(&victim)),
+        "the replica came back once it caught up"
+    );
+    writer.query("DROP TABLE pp_lag").unwrap();
+}
+
+fn signal(pid: &str, sig: &str) -> i32 {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid)
+        .status()
+        .map_or(1, |s| s.code().unwrap_or(1))
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn f_sync_port_follows_the_sync_standby() {
+    let rig = rig();
+    rig.c.patronictl(&[
+        "edit-config",
+        "demo",
+        "-q",
+        "--force",
+        "-s",
+        "synchronous_mode=true",
+    ]);
+    let sync_name = || -> Option<String> {
+        rig.c.topology()?["members"]
+            .as_array()?
+            .iter()
+            .find_map(|m| {
+                (m["role"] == "sync_standby" && m["state"] != "stopped")
+                    .then(|| m["name"].as_str().unwrap().to_string())
+            })
+    };
+    assert!(wait_until(Duration::from_secs(30), || sync_name().is_some()));
+    let first = sync_name().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || rig
+        .proxy
+        .backends("main", "sync")
+        == [first.clone()]));
+    for _ in 0..3 {
+        assert_eq!(
+            whereami(rig.sync, CONNECT).unwrap(),
+            (true, rig.c.node(&first).pg.port())
+        );
+    }
+    // Take the sync standby away: Patroni names the other replica, and the
+    // sync port follows.
+    rig.c.run(&["stop-node", &first[4..]]);
+    assert!(wait_until(Duration::from_secs(60), || sync_name()
+        .is_some_and(|n| n != first)));
+    let second = sync_name().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || rig
+        .proxy
+        .backends("main", "sync")
+        == [second.clone()]));
+    assert_eq!(
+        whereami(rig.sync, CONNECT).unwrap(),
+        (true, rig.c.node(&second).pg.port())
+    );
+    rig.c.run(&["start"]);
+    if rig.c.version == "4" {
+        rig.c.patronictl(&[
+            "edit-config",
+            "demo",
+            "-q",
+            "--force",
+            "-s",
+            "synchronous_mode=quorum",
+        ]);
+        let n = rig.c.nodes.len() - 1;
+        assert!(
+            wait_until(Duration::from_secs(60), || rig
+                .proxy
+                .backends("main", "sync")
+                .len()
+                == n),
+            "quorum standbys on the sync port: {:?}",
+            rig.c.topology()
+        );
+        let ports: Vec<u16> = (0..n * 2)
+            .map(|_| whereami(rig.sync, CONNECT).unwrap().1)
+            .collect();
+        assert!(
+            rig.c
+                .replicas()
+                .iter()
+                .all(|r| ports.contains(&r.pg.port())),
+            "{ports:?}"
+        );
+    }
+    rig.c.patronictl(&[
+        "edit-config",
+        "demo",
+        "-q",
+        "--force",
+        "-s",
+        "synchronous_mode=false",
+    ]);
+    assert!(wait_until(Duration::from_secs(30), || rig
+        .proxy
+        .backends("main", "sync")
+        .is_empty()));
+    rig.c.run(&["wait"]);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn g_noloadbalance_tag_takes_a_replica_out() {
+    let rig = rig();
+    let victim = rig.c.replicas()[0];
+    let (name, config) = (victim.name.clone(), victim.config.clone());
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{original}tags:\n  noloadbalance: true\n")).unwrap();
+    let hup = || {
+        let pidfile = config
+            .parent()
+            .unwrap()
+            .join(format!("run/patroni{}.pid", &name[4..]));
+        let pid = std::fs::read_to_string(pidfile).unwrap();
+        assert_eq!(signal(pid.trim(), "HUP"), 0);
+    };
+    hup();
+    rig.c.wait_member(&name, Duration::from_secs(30), |m| {
+        m["tags"]["noloadbalance"] == true
+    });
+    assert!(wait_until(Duration::from_secs(10), || !rig
+        .proxy
+        .backends("main", "ro")
+        .contains(&name)));
+    assert!(!rig.proxy.backends("main", "any").contains(&name));
+    for _ in 0..4 {
+        assert_ne!(whereami(rig.ro, CONNECT).unwrap().1, victim.pg.port());
+    }
+    std::fs::write(&config, original).unwrap();
+    hup();
+    assert!(wait_until(Duration::from_secs(30), || rig
+        .proxy
+        .backends("main", "ro")
+        .contains(&name)));
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn h_first_api_host_dies_and_routing_goes_on() {
+    let c = cluster();
+    // The proxy asks a replica's API first; that Patroni is killed (its
+    // PostgreSQL keeps running, so there is no failover).
+    let first = c.replicas()[0].name.clone();
+    let mut hosts: Vec<String> = vec![c.node(&first).api.clone()];
+    hosts.extend(
+        c.nodes
+            .iter()
+            .filter(|n| n.name != first)
+            .map(|n| n.api.clone()),
+    );
+    let rig = rig_with_hosts(c, hosts.clone());
+    assert_eq!(rig.proxy.status()["clusters"]["main"]["api_host"], hosts[0]);
+    rig.c.run(&["kill-api", &first[4..]]);
+    assert_eq!(rig.proxy.update(), 200, "the next host answers");
+    assert_ne!(rig.proxy.status()["clusters"]["main"]["api_host"], hosts[0]);
+    let leader = rig.c.leader().pg.port();
+    for _ in 0..3 {
+        assert_eq!(whereami(rig.rw, CONNECT).unwrap(), (false, leader));
+        assert!(whereami(rig.ro, CONNECT).unwrap().0);
+    }
+    rig.c.run(&["start"]);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn i_pgbench_new_connections_across_a_switchover() {
+    let rig = rig();
+    let port = rig.rw.port().to_string();
+    let pgbench = |args: &[&str]| {
+        Command::new("pgbench")
+            .args(args)
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"])
+            .output()
+            .unwrap()
+    };
+    let init = pgbench(&["-i", "-s", "1", "-q"]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let old = rig.c.leader().name.clone();
+    let candidate = rig.c.replicas()[0].name.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let bench = {
+        let done = done.clone();
+        let port = port.clone();
+        thread::spawn(move || {
+            // One-second runs, so that a client aborted by the switchover
+            // does not silence the rest of the measurement.
+            let mut n = PgbenchCounts::default();
+            while !done.load(Ordering::SeqCst) {
+                let out = Command::new("pgbench")
+                    .args(["-n", "-S", "-C", "-c", "4", "-j", "2", "-T", "1"])
+                    .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"])
+                    .output()
+                    .unwrap();
+                n.add(
+                    &String::from_utf8_lossy(&out.stdout),
+                    &String::from_utf8_lossy(&out.stderr),
+                );
+            }
+            n
+        })
+    };
+    thread::sleep(Duration::from_secs(3));
+    rig.c.patronictl(&[
+        "switchover",
+        "demo",
+        "--leader",
+        &old,
+        "--candidate",
+        &candidate,
+        "--force",
+    ]);
+    rig.c.wait_new_leader(&old, Duration::from_secs(60));
+    thread::sleep(Duration::from_secs(4));
+    done.store(true, Ordering::SeqCst);
+    let n = bench.join().unwrap();
+    report(
+        "pgbench -S -C across a switchover",
+        format!(
+            "{} transactions; {} new connections refused by the old leader while it shut down, \
+             {} transactions cut on it; {} connections failed otherwise",
+            n.tx, n.refused_by_demoted, n.cut, n.failed_otherwise
+        ),
+    );
+    for l in &n.lines {
+        println!("  {l}");
+    }
+    assert!(n.tx > 100, "pgbench made progress");
+    assert_eq!(
+        n.failed_otherwise, 0,
+        "no new connection failed for want of a backend"
+    );
+    assert_eq!(
+        whereami(rig.rw, CONNECT).unwrap(),
+        (false, rig.c.node(&candidate).pg.port())
+    );
+    rig.c.run(&["wait"]);
+}
+
+/// What pgbench -C runs reported.
+#[derive(Default)]
+struct PgbenchCounts {
+    tx: u64,
+    /// Connections PostgreSQL on the old leader refused while shutting down
+    /// (or that it closed during startup): they reached the demoted leader in
+    /// the gap before `/cluster` showed the switchover.
+    refused_by_demoted: u64,
+    /// Transactions whose session was cut on the demoted leader.
+    cut: u64,
+    /// Any other connection failure: the proxy failing a new client.
+    failed_otherwise: u64,
+    lines: Vec<String>,
+}
+
+impl PgbenchCounts {
+    fn add(&mut self, stdout: &str, stderr: &str) {
+        self.tx += stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.split('/').next()?.trim().parse().ok())
+            .unwrap_or(0);
+        for l in stderr.lines().filter(|l| l.contains("error")) {
+            let from_demoted = [
+                "shutting down",
+                "closed the connection",
+                "starting up",
+                "terminating connection",
+            ]
+            .iter()
+            .any(|s| l.contains(s));
+            if l.contains("connection to server") {
+                if from_demoted {
+                    self.refused_by_demoted += 1;
+                } else {
+                    self.failed_otherwise += 1;
+                }
+            } else if l.contains("aborted in command") {
+                self.cut += 1;
+            }
+            self.lines.push(l.to_string());
+        }
+    }
+}
