@@ -484,12 +484,15 @@ fn e_lagging_replica_is_evicted_and_returns() {
     let sessions = one_session_per_replica(&rig);
     let victim_port = sessions[0].0;
     let victim = rig.c.by_port(victim_port).name.clone();
-    // Patroni 4.1 reports replay_lag: pause replay. Older Patronis report
-    // only `lag`, which follows the received position: stop the WAL
-    // receiver instead (SIGSTOP), so the received position stalls.
+    // Patroni 4.1 reports replay_lag: pause replay. Patroni resumes a
+    // paused replay by itself (PostgreSQL 14+) unless the cluster is in
+    // maintenance mode, so pause Patroni first. Older Patronis report only
+    // `lag`, which follows the received position: stop the WAL receiver
+    // instead (SIGSTOP), so the received position stalls.
     let v4 = rig.c.version == "4";
     let mut direct = rig.c.direct(rig.c.by_port(victim_port));
     let walreceiver = if v4 {
+        rig.c.patronictl(&["pause", "demo", "--wait"]);
         direct.query("SELECT pg_wal_replay_pause()").unwrap();
         None
     } else {
@@ -505,9 +508,14 @@ fn e_lagging_replica_is_evicted_and_returns() {
     writer
         .query("CREATE TABLE IF NOT EXISTS pp_lag (x text)")
         .unwrap();
-    let evicted = wait_until(Duration::from_secs(60), || {
-        let _ = writer
-            .query("INSERT INTO pp_lag SELECT repeat('x', 1000) FROM generate_series(1, 2000)");
+    // A steady trickle of about 170 KB/s of WAL. Patroni's lag figures are
+    // snapshots refreshed every loop_wait (2 s) on both sides, so a healthy
+    // replica can read up to rate x loop_wait behind: the rate must stay
+    // well under limit / loop_wait for only the paused replica to cross it.
+    let evicted = wait_until(Duration::from_secs(90), || {
+        let _ =
+            writer.query("INSERT INTO pp_lag SELECT repeat('x', 1000) FROM generate_series(1, 50)");
+        thread::sleep(Duration::from_millis(300));
         !rig.proxy.backends("main", "ro").contains(&victim)
     });
     assert!(
@@ -536,6 +544,7 @@ fn e_lagging_replica_is_evicted_and_returns() {
     match walreceiver {
         None => {
             direct.query("SELECT pg_wal_replay_resume()").unwrap();
+            rig.c.patronictl(&["resume", "demo", "--wait"]);
         }
         Some(pid) => assert_eq!(signal(&pid, "CONT"), 0),
     }
