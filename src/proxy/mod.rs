@@ -237,6 +237,7 @@ impl Proxy {
             }
             self.fire_timers();
             self.reap();
+            self.compact_timers();
             if let Some(deadline) = self.drain_deadline {
                 let left = self.live_sessions();
                 if left == 0 {
@@ -616,6 +617,25 @@ impl Proxy {
                 Timer::Drain => {} // checked after reaping
             }
         }
+    }
+
+    /// Drops timer entries whose owner is gone or has moved its deadline,
+    /// once they outnumber the live sessions (see `timer`'s module docs).
+    fn compact_timers(&mut self) {
+        let live = self.sessions.len() + self.admins.len();
+        if self.timers.len() <= 2 * live + 64 {
+            return;
+        }
+        let (sessions, admins) = (&self.sessions, &self.admins);
+        self.timers.retain(|at, t| match t {
+            Timer::Session(key, id) => sessions
+                .get(key)
+                .is_some_and(|s| s.id == id && s.deadline == Some(at)),
+            Timer::Admin(key, id) => admins
+                .get(key)
+                .is_some_and(|a| a.id == id && a.deadline == at),
+            Timer::AcceptResume | Timer::Housekeeping | Timer::Drain => true,
+        });
     }
 
     fn session_deadline(&mut self, key: usize, id: u64, now: Instant) {

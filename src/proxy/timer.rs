@@ -1,9 +1,13 @@
 //! Deadlines for the event loop (mio has no timers).
 //!
-//! A min-heap of `(Instant, Timer)`. Cancellation is lazy: an entry is never
-//! removed early; when it fires, the owner checks whether the deadline still
-//! applies (a session compares its id and its current deadline). The poll
-//! timeout is the time to the earliest entry.
+//! A min-heap of `(Instant, Timer)`. Cancellation is lazy: an entry is not
+//! removed when its owner goes away or moves its deadline; when it fires, the
+//! owner checks whether the deadline still applies (a session compares its id
+//! and its current deadline). So that dead entries cannot pile up (a session
+//! that half-closes leaves a 60-second entry behind), the loop calls
+//! [`Timers::retain`] when the heap outgrows the live sessions: timer memory
+//! follows concurrency, not connection history. The poll timeout is the time
+//! to the earliest entry.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -54,9 +58,16 @@ impl Timers {
         out
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.heap.len()
+    }
+
+    /// Keeps only the entries `keep` approves, and gives back spare memory.
+    pub fn retain(&mut self, mut keep: impl FnMut(Instant, Timer) -> bool) {
+        let mut v = std::mem::take(&mut self.heap).into_vec();
+        v.retain(|Reverse((at, t))| keep(*at, *t));
+        v.shrink_to(v.len() * 2);
+        self.heap = BinaryHeap::from(v);
     }
 }
 
