@@ -43,6 +43,8 @@ pub struct Config {
     pub buffer_size: usize,
     pub listen_backlog: u32,
     pub tcp_keepalive: Option<Keepalive>,
+    /// Bulk transfers go through kernel pipes (`splice(2)`).
+    pub splice: bool,
     /// Sorted by name.
     pub clusters: Vec<ClusterConfig>,
 }
@@ -126,6 +128,7 @@ struct RawConfig {
     buffer_size: Option<u64>,
     listen_backlog: Option<u32>,
     tcp_keepalive: Option<RawKeepalive>,
+    splice: Option<bool>,
     clusters: BTreeMap<String, RawCluster>,
 }
 
@@ -292,6 +295,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             buffer_size: buffer_size as usize,
             listen_backlog,
             tcp_keepalive,
+            splice: raw.splice.unwrap_or(true),
             clusters,
         })
     } else {

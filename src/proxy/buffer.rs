@@ -8,8 +8,21 @@
 //! Sessions take a buffer from the [`Pool`] only while bytes are in flight
 //! and give it back as soon as it is empty, so an idle connection pair holds
 //! no buffer at all. The pool keeps a bounded number of free buffers.
+//!
+//! A direction that moves bulk data (a read filled a whole buffer) may
+//! switch to a kernel [`Pipe`] and `splice(2)`, which moves the bytes without
+//! copying them through user space. Pipes come from the same pool, also only
+//! while a transfer is under way, and are bounded in number.
 
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+
+use super::sockopt;
+
+/// Most pipes in use at once (two descriptors each).
+pub const MAX_PIPES: usize = 256;
+/// Free pipes kept for reuse.
+const KEEP_PIPES: usize = 16;
 
 pub struct Buffer {
     data: Box<[u8]>,
@@ -84,13 +97,31 @@ impl Buffer {
     }
 }
 
-/// Free buffers of one size, reused so the hot path does not allocate.
+/// A kernel pipe that one direction of a session splices through.
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+    /// Bytes inside.
+    pub len: usize,
+    pub cap: usize,
+    /// The last splice into it said `WouldBlock` while it held bytes: its
+    /// page slots may be used up below `cap`, so read again only after some
+    /// of it was written out.
+    pub full: bool,
+}
+
+/// Free buffers of one size, and pipes, reused so the hot path does not
+/// allocate.
 pub struct Pool {
     size: usize,
     free: Vec<Buffer>,
     max_free: usize,
     /// Buffers handed out and not yet given back.
     in_use: usize,
+    /// Whether bulk transfers may use pipes.
+    splice: bool,
+    free_pipes: Vec<Pipe>,
+    pipes_in_use: usize,
 }
 
 impl Pool {
@@ -100,6 +131,56 @@ impl Pool {
             free: Vec::new(),
             max_free,
             in_use: 0,
+            splice: false,
+            free_pipes: Vec::new(),
+            pipes_in_use: 0,
+        }
+    }
+
+    /// A pipe for a bulk transfer, if splicing is on and one can be had.
+    pub fn take_pipe(&mut self) -> Option<Pipe> {
+        if !self.splice || self.pipes_in_use >= MAX_PIPES {
+            return None;
+        }
+        let pipe = match self.free_pipes.pop() {
+            Some(p) => p,
+            // Out of descriptors or pipe memory: stay with buffers.
+            None => {
+                let (read, write) = sockopt::pipe().ok()?;
+                let cap = sockopt::pipe_capacity(&write);
+                Pipe {
+                    read,
+                    write,
+                    len: 0,
+                    cap,
+                    full: false,
+                }
+            }
+        };
+        self.pipes_in_use += 1;
+        Some(pipe)
+    }
+
+    /// Gives a pipe back; one that still holds bytes is closed, never reused.
+    pub fn give_pipe(&mut self, p: Pipe) {
+        self.pipes_in_use = self.pipes_in_use.saturating_sub(1);
+        if p.len == 0 && self.splice && self.free_pipes.len() < KEEP_PIPES {
+            self.free_pipes.push(p);
+        }
+    }
+
+    pub fn pipes_in_use(&self) -> usize {
+        self.pipes_in_use
+    }
+
+    pub fn splicing(&self) -> bool {
+        self.splice
+    }
+
+    pub fn set_splice(&mut self, on: bool) {
+        self.splice = on;
+        if !on {
+            self.free_pipes.clear();
         }
     }
 

@@ -146,7 +146,11 @@ impl Proxy {
         let mut proxy = Proxy {
             poll,
             waker,
-            pool: Pool::new(config.buffer_size, POOL_KEEP),
+            pool: {
+                let mut pool = Pool::new(config.buffer_size, POOL_KEEP);
+                pool.set_splice(config.splice);
+                pool
+            },
             config: config.clone(),
             config_path,
             verbosity,
@@ -310,7 +314,7 @@ impl Proxy {
         );
         match pumped {
             Pumped::Idle => {
-                if s.phase == Phase::Waiting && s.client.read_eof && s.to_backend.is_none() {
+                if s.phase == Phase::Waiting && s.client.read_eof && s.to_backend.is_empty() {
                     self.close_session(
                         key,
                         "client left while waiting for a backend",
@@ -1087,6 +1091,7 @@ impl Proxy {
         // Commit.
         log::set_max_level(config::raise_level(new.log_level, self.verbosity));
         self.pool.resize(new.buffer_size);
+        self.pool.set_splice(new.splice);
         if let Some(mut sock) = admin {
             let reg = self.poll.registry();
             let _ = reg.deregister(&mut self.admin_listener);
@@ -1454,6 +1459,7 @@ impl Proxy {
             "sessions": self.live_sessions(),
             "buffers_in_use": self.pool.in_use(),
             "buffers_free": self.pool.free(),
+            "pipes_in_use": self.pool.pipes_in_use(),
             "draining": self.drain_deadline.is_some(),
         });
         let mut out = serde_json::to_vec_pretty(&doc).unwrap_or_default();

@@ -19,6 +19,15 @@
 //!
 //! Buffers come from the pool only while bytes are in flight: an idle pair
 //! holds none.
+//!
+//! Bulk: once a read fills a whole buffer and that buffer has drained, the
+//! direction switches to a kernel pipe and `splice(2)` (socket -> pipe ->
+//! socket, no copy through user space), and keeps it while it keeps moving
+//! data; a pump that finds the direction idle, or its end of stream, gives
+//! the pipe back. `splice` into a pipe says `WouldBlock` both for an empty
+//! socket and for a full pipe, so only an empty pipe proves the socket is
+//! drained; otherwise the pipe is marked full and reading resumes after the
+//! next write, without losing the socket's edge.
 
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -28,8 +37,9 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::Registry;
 
-use super::buffer::{Buffer, Pool};
+use super::buffer::{Buffer, Pipe, Pool};
 use super::listener::Target;
+use super::sockopt;
 use super::token::Side;
 
 /// One socket of the pair and what we know of it.
@@ -115,8 +125,8 @@ pub struct Session {
     pub waiting_since: Option<Instant>,
     /// Addresses whose connect failed for this session.
     pub tried: Vec<SocketAddr>,
-    pub to_backend: Option<Buffer>,
-    pub to_client: Option<Buffer>,
+    pub to_backend: Slot,
+    pub to_client: Slot,
     pub bytes_up: u64,
     pub bytes_down: u64,
     /// On the run queue already.
@@ -136,8 +146,8 @@ impl Session {
             deadline: None,
             waiting_since: None,
             tried: Vec::new(),
-            to_backend: None,
-            to_client: None,
+            to_backend: Slot::Empty,
+            to_client: Slot::Empty,
             bytes_up: 0,
             bytes_down: 0,
             queued: false,
@@ -231,11 +241,37 @@ impl Session {
         let _ = registry.deregister(&mut self.client.sock);
         self.drop_backend(registry);
         for slot in [&mut self.to_backend, &mut self.to_client] {
-            if let Some(b) = slot.take() {
-                pool.give(b);
-            }
+            slot.release(pool);
         }
         self.phase = Phase::Closed;
+    }
+}
+
+/// Where one direction's bytes in flight are: nowhere (idle), in a buffer,
+/// or in a kernel pipe (bulk transfer, spliced).
+pub enum Slot {
+    Empty,
+    Buf(Buffer),
+    Pipe(Pipe),
+}
+
+impl Slot {
+    /// No bytes in flight.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Slot::Empty => true,
+            Slot::Buf(b) => b.is_empty(),
+            Slot::Pipe(p) => p.len == 0,
+        }
+    }
+
+    /// Gives whatever it holds back to the pool.
+    pub fn release(&mut self, pool: &mut Pool) {
+        match std::mem::replace(self, Slot::Empty) {
+            Slot::Empty => {}
+            Slot::Buf(b) => pool.give(b),
+            Slot::Pipe(p) => pool.give_pipe(p),
+        }
     }
 }
 
@@ -254,30 +290,74 @@ impl Side {
     }
 }
 
-/// Copies from `src` into `slot` and from `slot` into `dst` (if any) until
-/// neither can progress or `budget` bytes were read. Returns the bytes read
-/// and whether the budget stopped it. `TransferError::side` is `Client` for
-/// `src` and `Backend` for `dst`.
+fn src_err(error: io::Error) -> TransferError {
+    TransferError {
+        side: Side::Client,
+        error,
+    }
+}
+
+fn dst_err(error: io::Error) -> TransferError {
+    TransferError {
+        side: Side::Backend,
+        error,
+    }
+}
+
+/// Moves bytes from `src` towards `dst` (if any) until neither can progress
+/// or `budget` bytes were read. Returns the bytes read and whether the budget
+/// stopped it. `TransferError::side` is `Client` for `src`, `Backend` for
+/// `dst`. A direction starts with buffers; once a read fills a whole buffer
+/// and the buffer has drained, it switches to a pipe (if the pool has one),
+/// and it returns the pipe when it goes idle.
 fn transfer(
     src: &mut Endpoint,
-    mut dst: Option<&mut Endpoint>,
-    slot: &mut Option<Buffer>,
+    dst: Option<&mut Endpoint>,
+    slot: &mut Slot,
     pool: &mut Pool,
     budget: usize,
 ) -> Result<(usize, bool), TransferError> {
-    let src_err = |error| TransferError {
-        side: Side::Client,
-        error,
-    };
-    let dst_err = |error| TransferError {
-        side: Side::Backend,
-        error,
+    let Some(dst) = dst else {
+        return copy(src, None, slot, pool, budget).map(|(n, over, _)| (n, over));
     };
     let mut moved = 0;
+    if !matches!(slot, Slot::Pipe(_)) {
+        let (n, over, bulk) = copy(src, Some(&mut *dst), slot, pool, budget)?;
+        moved = n;
+        if over || !bulk {
+            return Ok((moved, over));
+        }
+        match pool.take_pipe() {
+            Some(p) => *slot = Slot::Pipe(p),
+            None => return Ok((moved, over)),
+        }
+    }
+    let (n, over) = splice(src, dst, slot, pool, budget.saturating_sub(moved))?;
+    Ok((moved + n, over))
+}
+
+/// The buffer path. The third value is true when the direction should switch
+/// to a pipe now: a read filled a whole buffer, the buffer has drained, and
+/// the source is still readable.
+fn copy(
+    src: &mut Endpoint,
+    mut dst: Option<&mut Endpoint>,
+    slot: &mut Slot,
+    pool: &mut Pool,
+    budget: usize,
+) -> Result<(usize, bool, bool), TransferError> {
+    let mut moved = 0;
+    let mut bulk = false;
     loop {
         let mut progress = false;
-        if src.readable && !src.read_eof && !slot.as_ref().is_some_and(Buffer::is_full) {
-            let buf = slot.get_or_insert_with(|| pool.take());
+        let full = matches!(slot, Slot::Buf(b) if b.is_full());
+        if src.readable && !src.read_eof && !full {
+            if matches!(slot, Slot::Empty) {
+                *slot = Slot::Buf(pool.take());
+            }
+            let Slot::Buf(buf) = slot else {
+                unreachable!("a pipe slot never takes the copy path")
+            };
             let room = buf.capacity() - buf.len();
             match buf.read_from(&mut src.sock) {
                 Ok(0) => {
@@ -287,6 +367,7 @@ fn transfer(
                 Ok(n) => {
                     moved += n;
                     progress = true;
+                    bulk |= n == buf.capacity();
                     // A short read drained the socket (module docs), unless
                     // an end of stream is pending behind the data.
                     if n < room && !src.hup {
@@ -298,8 +379,8 @@ fn transfer(
                 Err(e) => return Err(src_err(e)),
             }
         }
-        if let Some(dst) = dst.as_deref_mut() {
-            if let Some(buf) = slot.as_mut().filter(|b| !b.is_empty() && dst.writable) {
+        if let (Some(dst), Slot::Buf(buf)) = (dst.as_deref_mut(), &mut *slot) {
+            if !buf.is_empty() && dst.writable {
                 let want = buf.len();
                 match dst.sock.write(buf.filled()) {
                     Ok(0) => return Err(dst_err(io::ErrorKind::WriteZero.into())),
@@ -316,23 +397,103 @@ fn transfer(
                 }
             }
         }
-        if slot.as_ref().is_some_and(Buffer::is_empty) {
-            pool.give(slot.take().expect("checked above"));
+        if matches!(slot, Slot::Buf(b) if b.is_empty()) {
+            slot.release(pool);
         }
         if let Some(dst) = dst.as_deref_mut() {
-            // Everything the source sent has been passed on: pass the FIN on.
-            if src.read_eof && slot.is_none() && !dst.write_shut {
-                dst.write_shut = true;
-                // ENOTCONN here means the peer is already gone; the next
-                // read or write on it reports that properly.
-                let _ = dst.sock.shutdown(Shutdown::Write);
+            pass_fin(src, dst, slot);
+            if bulk
+                && matches!(slot, Slot::Empty)
+                && src.readable
+                && !src.read_eof
+                && pool.splicing()
+            {
+                return Ok((moved, false, true));
             }
         }
+        if !progress {
+            return Ok((moved, false, false));
+        }
+        if moved >= budget {
+            return Ok((moved, true, false));
+        }
+    }
+}
+
+/// The pipe path: socket -> pipe -> socket, no copy through user space.
+fn splice(
+    src: &mut Endpoint,
+    dst: &mut Endpoint,
+    slot: &mut Slot,
+    pool: &mut Pool,
+    budget: usize,
+) -> Result<(usize, bool), TransferError> {
+    let mut moved = 0;
+    loop {
+        let Slot::Pipe(pipe) = slot else {
+            return Ok((moved, false));
+        };
+        let mut progress = false;
+        if src.readable && !src.read_eof && !pipe.full && pipe.len < pipe.cap {
+            match sockopt::splice(&src.sock, &pipe.write, pipe.cap - pipe.len) {
+                Ok(0) => {
+                    src.read_eof = true;
+                    progress = true;
+                }
+                Ok(n) => {
+                    pipe.len += n;
+                    moved += n;
+                    progress = true;
+                }
+                // Said for an empty socket and for a full pipe alike: only
+                // an empty pipe proves the socket is drained.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if pipe.len == 0 {
+                        src.readable = false;
+                    } else {
+                        pipe.full = true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                Err(e) => return Err(src_err(e)),
+            }
+        }
+        if pipe.len > 0 && dst.writable {
+            match sockopt::splice(&pipe.read, &dst.sock, pipe.len) {
+                Ok(0) => return Err(dst_err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    pipe.len -= n;
+                    pipe.full = false;
+                    progress = true;
+                }
+                // The pipe holds bytes, so this is the socket.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                Err(e) => return Err(dst_err(e)),
+            }
+        }
+        // Finished, or found idle by this pump, with nothing in flight: the
+        // pipe goes back. A direction that keeps moving keeps its pipe.
+        let idle = !progress && moved == 0;
+        if pipe.len == 0 && (src.read_eof || idle) {
+            slot.release(pool);
+        }
+        pass_fin(src, dst, slot);
         if !progress {
             return Ok((moved, false));
         }
         if moved >= budget {
             return Ok((moved, true));
         }
+    }
+}
+
+/// Everything the source sent has been passed on: pass its FIN on.
+fn pass_fin(src: &Endpoint, dst: &mut Endpoint, slot: &Slot) {
+    if src.read_eof && slot.is_empty() && !dst.write_shut {
+        dst.write_shut = true;
+        // ENOTCONN here means the peer is already gone; the next read or
+        // write on it reports that properly.
+        let _ = dst.sock.shutdown(Shutdown::Write);
     }
 }

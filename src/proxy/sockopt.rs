@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::config::Keepalive;
 
@@ -99,4 +99,50 @@ pub fn raise_nofile_limit(wanted: u64) -> io::Result<(u64, u64)> {
     }
     #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
     Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
+}
+
+/// A non-blocking, close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid, writable array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// How many bytes a pipe holds.
+pub fn pipe_capacity(fd: &impl AsRawFd) -> usize {
+    // SAFETY: F_GETPIPE_SZ takes no pointer; the fd is borrowed from a live pipe.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}
+
+/// Moves up to `len` bytes from `from` to `to` inside the kernel; one of
+/// them must be a pipe. Never blocks on the pipe; the sockets are
+/// non-blocking already. `Ok(0)`: end of stream on `from`.
+pub fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    // SAFETY: null offsets are allowed for pipes and sockets; both fds are
+    // borrowed from live objects for the duration of the call.
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            flags,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }

@@ -95,4 +95,34 @@ mod tests {
             Some(Duration::ZERO)
         );
     }
+
+    #[test]
+    fn retain_drops_dead_entries_and_keeps_order() {
+        let now = Instant::now();
+        let mut t = Timers::default();
+        for i in 0..100u64 {
+            t.add(
+                now + Duration::from_millis(100 - i),
+                Timer::Session(i as usize, i),
+            );
+        }
+        t.retain(|_, timer| matches!(timer, Timer::Session(k, _) if k % 10 == 0));
+        assert_eq!(t.len(), 10);
+        let keys: Vec<usize> = t
+            .expired(now + Duration::from_secs(1))
+            .into_iter()
+            .map(|f| {
+                if let Timer::Session(k, _) = f {
+                    k
+                } else {
+                    usize::MAX
+                }
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [90, 80, 70, 60, 50, 40, 30, 20, 10, 0],
+            "earliest first"
+        );
+    }
 }
