@@ -473,17 +473,8 @@ fn check_listen_clashes(p: &mut Problems, admin: SocketAddr, clusters: &[Cluster
 mod tests {
     use super::*;
 
-    const OLD_FORMAT: &str = r#"
-cluster_update_interval: 3
-listen_address: "127.0.0.1:8009"
-clusters:
-  my_cluster:
-    hosts: ["http://192.168.1.1:8008", "http://192.168.1.2:8008"]
-    ports:
-      master:   {listen: "0.0.0.0:6432", roles: ["leader"], host_port: 5432}
-      replicas: {listen: "0.0.0.0:6433", roles: ["sync", "async"], host_port: 5432,
-                 max_lag_in_bytes: 16777216}
-"#;
+    /// The older patroni_proxy's format; also used by the CLI test.
+    const OLD_FORMAT: &str = include_str!("../tests/fixtures/patroni_proxy.yaml");
 
     fn errors(yaml: &str) -> Vec<String> {
         parse(yaml).expect_err("config should be rejected")

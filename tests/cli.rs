@@ -21,17 +21,7 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-const OLD_FORMAT: &str = r#"
-cluster_update_interval: 3
-listen_address: "127.0.0.1:8009"
-clusters:
-  my_cluster:
-    hosts: ["http://192.168.1.1:8008", "http://192.168.1.2:8008"]
-    ports:
-      master:   {listen: "0.0.0.0:6432", roles: ["leader"], host_port: 5432}
-      replicas: {listen: "0.0.0.0:6433", roles: ["sync", "async"], host_port: 5432,
-                 max_lag_in_bytes: 16777216}
-"#;
+const OLD_FORMAT: &str = include_str!("fixtures/patroni_proxy.yaml");
 
 #[test]
 fn test_flag_accepts_the_old_patroni_proxy_format() {

@@ -6,10 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 struct Rig {
     nodes: Vec<Backend>,
     api: MockPatroni,
@@ -24,15 +20,7 @@ fn ports_yaml(rw: u16, ro: u16, ro_opts: &str) -> String {
 }
 
 fn rig(extra: &str) -> Rig {
-    let nodes: Vec<Backend> = ["node1", "node2", "node3"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
-    let api = MockPatroni::start(&cluster(vec![
-        member("node1", "leader", "running", nodes[0].addr, None),
-        member("node2", "replica", "streaming", nodes[1].addr, Some(0)),
-        member("node3", "replica", "streaming", nodes[2].addr, Some(5000)),
-    ]));
+    let (nodes, api) = three_nodes(5000);
     let (admin, rw, ro) = (free_port(), free_port(), free_port());
     let proxy = Proxy::start(&config(
         admin,
@@ -102,13 +90,13 @@ fn update_clusters_reports_success_and_failure() {
     let (code, body) = rig.proxy.get("/update_clusters").unwrap();
     assert_eq!(code, 503, "{body}");
     // The loop kept serving clients while the polls ran.
-    assert_eq!(whoami(addr(rig.rw)), "node1");
+    assert_eq!(whoami(local(rig.rw)), "node1");
 }
 
 #[test]
 fn clusters_json_shows_members_ports_and_connections() {
     let rig = rig("");
-    let mut held: Vec<Client> = (0..2).map(|_| Client::connect(addr(rig.rw))).collect();
+    let mut held: Vec<Client> = (0..2).map(|_| Client::connect(local(rig.rw))).collect();
     for c in held.iter_mut() {
         c.greeting();
     }
@@ -138,10 +126,10 @@ fn sighup_changes_a_port_in_place_keeping_its_socket_and_sessions() {
         listen_inode(pid, rig.rw).unwrap(),
         listen_inode(pid, rig.ro).unwrap(),
     );
-    let mut leader = Client::connect(addr(rig.rw));
+    let mut leader = Client::connect(local(rig.rw));
     assert_eq!(leader.greeting(), "node1");
-    let mut a = Client::connect(addr(rig.ro));
-    let mut b = Client::connect(addr(rig.ro));
+    let mut a = Client::connect(local(rig.ro));
+    let mut b = Client::connect(local(rig.ro));
     let (na, nb) = (a.greeting(), b.greeting());
     let (mut on2, mut on3) = if na == "node2" { (a, b) } else { (b, a) };
     assert_eq!((na.as_str().min(nb.as_str())), "node2");
@@ -192,7 +180,7 @@ fn sighup_changes_a_port_in_place_keeping_its_socket_and_sessions() {
 #[test]
 fn sighup_adds_and_removes_ports_and_moves_hosts() {
     let rig = rig("");
-    let mut doomed = Client::connect(addr(rig.ro));
+    let mut doomed = Client::connect(local(rig.ro));
     doomed.greeting();
     // A second API with another topology: changing hosts restarts the updater.
     let other = MockPatroni::start(&cluster(vec![member(
@@ -213,12 +201,12 @@ fn sighup_adds_and_removes_ports_and_moves_hosts() {
     assert!(rig.proxy.wait_log("configuration reloaded"));
     assert!(doomed.is_closed(), "a removed port's sessions end");
     assert!(
-        TcpStream::connect(addr(rig.ro)).is_err(),
+        TcpStream::connect(local(rig.ro)).is_err(),
         "a removed port stops listening"
     );
     rig.proxy.wait_backends("main", "rw", &["node2"]);
-    assert_eq!(whoami(addr(rig.rw)), "node2");
-    assert_eq!(whoami(addr(new_port)), "node2");
+    assert_eq!(whoami(local(rig.rw)), "node2");
+    assert_eq!(whoami(local(new_port)), "node2");
 }
 
 #[test]
@@ -238,8 +226,8 @@ fn broken_reload_keeps_the_running_configuration() {
             .matches("reload failed")
             .count()
             > before));
-        assert_eq!(whoami(addr(rig.rw)), "node1");
-        assert!(["node2", "node3"].contains(&whoami(addr(rig.ro)).as_str()));
+        assert_eq!(whoami(local(rig.rw)), "node1");
+        assert!(["node2", "node3"].contains(&whoami(local(rig.ro)).as_str()));
     }
     // A port that cannot bind also fails the whole reload.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -267,12 +255,12 @@ fn broken_reload_keeps_the_running_configuration() {
 #[test]
 fn sigterm_drains_then_exits() {
     let mut rig = rig("");
-    let mut open = Client::connect(addr(rig.rw));
+    let mut open = Client::connect(local(rig.rw));
     assert_eq!(open.greeting(), "node1");
     rig.proxy.signal(libc::SIGTERM);
     assert!(rig.proxy.wait_log("no longer accepting"));
     assert!(
-        TcpStream::connect(addr(rig.rw)).is_err(),
+        TcpStream::connect(local(rig.rw)).is_err(),
         "new clients are refused"
     );
     assert!(open.echo("finishing my work"), "open sessions keep working");
@@ -291,7 +279,7 @@ fn sigterm_drains_then_exits() {
 #[test]
 fn second_sigterm_exits_at_once() {
     let mut rig = rig("shutdown_timeout: 60");
-    let mut open = Client::connect(addr(rig.rw));
+    let mut open = Client::connect(local(rig.rw));
     open.greeting();
     rig.proxy.signal(libc::SIGTERM);
     assert!(rig.proxy.wait_log("no longer accepting"));
@@ -307,7 +295,7 @@ fn second_sigterm_exits_at_once() {
 #[test]
 fn shutdown_timeout_bounds_the_drain() {
     let mut rig = rig("shutdown_timeout: 0.5");
-    let mut open = Client::connect(addr(rig.rw));
+    let mut open = Client::connect(local(rig.rw));
     open.greeting();
     let start = Instant::now();
     rig.proxy.signal(libc::SIGINT);

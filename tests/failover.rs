@@ -6,10 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 struct Rig {
     nodes: Vec<Backend>,
     api: MockPatroni,
@@ -20,15 +16,7 @@ struct Rig {
 }
 
 fn rig(extra: &str, rw_opts: &str) -> Rig {
-    let nodes: Vec<Backend> = ["node1", "node2", "node3"]
-        .iter()
-        .map(|n| Backend::start(n))
-        .collect();
-    let api = MockPatroni::start(&cluster(vec![
-        member("node1", "leader", "running", nodes[0].addr, None),
-        member("node2", "replica", "streaming", nodes[1].addr, Some(0)),
-        member("node3", "replica", "streaming", nodes[2].addr, Some(0)),
-    ]));
+    let (nodes, api) = three_nodes(0);
     let (rw, ro, any) = (free_port(), free_port(), free_port());
     let ports = format!(
         "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]{rw_opts}}}\nro: {{listen: \"127.0.0.1:{ro}\", roles: [sync, async]}}\nany: {{listen: \"127.0.0.1:{any}\", roles: [any]}}"
@@ -39,9 +27,9 @@ fn rig(extra: &str, rw_opts: &str) -> Rig {
         nodes,
         api,
         proxy,
-        rw: addr(rw),
-        ro: addr(ro),
-        any: addr(any),
+        rw: local(rw),
+        ro: local(ro),
+        any: local(any),
     }
 }
 
@@ -226,7 +214,7 @@ fn clients_wait_for_the_first_topology() {
         &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"),
         "",
     ));
-    let mut c = Client::connect(addr(rw));
+    let mut c = Client::connect(local(rw));
     std::thread::sleep(Duration::from_millis(300));
     api.set(&cluster(vec![member(
         "node1", "leader", "running", n1.addr, None,
@@ -253,7 +241,7 @@ fn next_api_host_is_used_when_the_first_hangs_or_fails() {
     );
     let p = Proxy::start(&cfg);
     p.wait_backends("main", "rw", &["node1"]);
-    assert_eq!(whoami(addr(rw)), "node1");
+    assert_eq!(whoami(local(rw)), "node1");
     assert_eq!(p.status()["clusters"]["main"]["api_host"], good.url());
     // Failed hosts go to the back of the line: later polls reach the good
     // host first instead of waiting for the hung one every time.
@@ -316,7 +304,7 @@ fn proxy_environment_variables_do_not_hijack_api_polls() {
     });
     p.wait_backends("main", "rw", &["node1"]);
     assert_eq!(p.update(), 200);
-    assert_eq!(whoami(addr(rw)), "node1");
+    assert_eq!(whoami(local(rw)), "node1");
 }
 
 #[test]
@@ -361,4 +349,21 @@ fn leader_being_demoted_keeps_its_sessions_but_new_clients_wait_for_the_next() {
         open.is_closed(),
         "and the demoted leader's session is closed"
     );
+}
+
+#[test]
+fn a_held_client_keeps_its_session_past_the_wait_deadline() {
+    let rig = rig("", ", backend_wait_timeout: 0.6");
+    rig.set(&[("node2", "replica", "running")]);
+    assert_eq!(rig.proxy.update(), 200);
+    let mut c = Client::connect(rig.rw);
+    std::thread::sleep(Duration::from_millis(200));
+    rig.set(&[
+        ("node1", "leader", "running"),
+        ("node2", "replica", "streaming"),
+    ]);
+    assert_eq!(c.greeting(), "node1", "connected while held");
+    // Past the moment the wait would have expired, the session lives on.
+    std::thread::sleep(Duration::from_millis(900));
+    assert!(c.echo("still connected after the wait deadline"));
 }

@@ -276,6 +276,37 @@ fn first_write(rw: SocketAddr, old_port: u16, deadline: Duration) -> (Instant, u
     }
 }
 
+/// Reports when the new leader showed in `/cluster` and when the first write
+/// through the proxy landed on it (`times`: the event, the new leader seen,
+/// the first write); checks the latter is within one poll interval (plus
+/// slack for a shared 2-core machine) and that the old leader's session on
+/// the leader port is closed.
+fn timing_and_old_session(
+    what: &str,
+    since: &str,
+    times: (Instant, Instant, Instant),
+    new_name: &str,
+    old_session: &mut Pg,
+) {
+    let (event, seen, written) = times;
+    let lag = written.saturating_duration_since(seen).as_secs_f64();
+    report(
+        what,
+        format!(
+            "new leader {new_name} in /cluster {:.2}s {since}; first write through the proxy {lag:.2}s after that",
+            seen.duration_since(event).as_secs_f64()
+        ),
+    );
+    assert!(
+        lag <= INTERVAL + 0.5,
+        "first write {lag:.2}s after /cluster showed the new leader"
+    );
+    assert!(
+        old_session.query("SELECT 1").is_err(),
+        "the old leader's leader-port session is closed"
+    );
+}
+
 /// Opens sessions on the replica port until there is one on each replica.
 fn one_session_per_replica(rig: &Rig) -> Vec<(u16, Pg)> {
     let want = rig.c.nodes.len() - 1;
@@ -363,21 +394,12 @@ fn b_kill_the_leader() {
     let (written_at, port) = writer.join().unwrap();
     let new = rig.c.node(&new_name);
     assert_eq!(port, new.pg.port(), "writes land on the new leader");
-    let lag = written_at.saturating_duration_since(seen_at).as_secs_f64();
-    report(
+    timing_and_old_session(
         "kill-leader",
-        format!(
-            "new leader {new_name} in /cluster {:.2}s after the kill; first write through the proxy {lag:.2}s after that",
-            seen_at.duration_since(killed_at).as_secs_f64()
-        ),
-    );
-    assert!(
-        lag <= INTERVAL + 0.5,
-        "first write {lag:.2}s after /cluster showed the new leader"
-    );
-    assert!(
-        on_leader.query("SELECT 1").is_err(),
-        "the session to the dead leader is gone"
+        "after the kill",
+        (killed_at, seen_at, written_at),
+        &new_name,
+        &mut on_leader,
     );
     for (port, mut s) in replicas {
         let survived = s.query("SELECT 1").is_ok();
@@ -424,21 +446,12 @@ fn c_switchover() {
     assert_eq!(new_name, candidate);
     let (written_at, port) = writer.join().unwrap();
     assert_eq!(port, rig.c.node(&candidate).pg.port());
-    let lag = written_at.saturating_duration_since(seen_at).as_secs_f64();
-    report(
+    timing_and_old_session(
         "switchover",
-        format!(
-            "new leader {new_name} in /cluster {:.2}s after patronictl started; first write through the proxy {lag:.2}s after that",
-            seen_at.duration_since(started).as_secs_f64()
-        ),
-    );
-    assert!(
-        lag <= INTERVAL + 0.5,
-        "first write {lag:.2}s after /cluster showed the new leader"
-    );
-    assert!(
-        on_leader.query("SELECT 1").is_err(),
-        "the demoted leader's leader-port session is closed"
+        "after patronictl started",
+        (started, seen_at, written_at),
+        &new_name,
+        &mut on_leader,
     );
     rig.c.run(&["wait"]);
 }

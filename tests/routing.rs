@@ -8,10 +8,6 @@ use serde_json::json;
 
 use crate::util::*;
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// Three backends, a mock API and a proxy with one port per role.
 struct Rig {
     nodes: Vec<Backend>,
@@ -22,21 +18,13 @@ struct Rig {
 
 impl Rig {
     fn start(ports: &[(&'static str, &str)]) -> Rig {
-        let nodes: Vec<Backend> = ["node1", "node2", "node3"]
-            .iter()
-            .map(|n| Backend::start(n))
-            .collect();
-        let api = MockPatroni::start(&cluster(vec![
-            member("node1", "leader", "running", nodes[0].addr, None),
-            member("node2", "replica", "streaming", nodes[1].addr, Some(0)),
-            member("node3", "replica", "streaming", nodes[2].addr, Some(0)),
-        ]));
+        let (nodes, api) = three_nodes(0);
         let mut yaml = String::new();
         let mut map = HashMap::new();
         for (name, rest) in ports {
             let p = free_port();
             yaml.push_str(&format!("{name}: {{listen: \"127.0.0.1:{p}\", {rest}}}\n"));
-            map.insert(*name, addr(p));
+            map.insert(*name, local(p));
         }
         let proxy = Proxy::start(&config(free_port(), &[api.url()], &yaml, ""));
         Rig {
@@ -334,8 +322,8 @@ fn host_port_overrides_the_member_port() {
     );
     let p = Proxy::start(&config(free_port(), &[api.url()], &ports, ""));
     p.wait_backends("main", "ro", &["node2", "node3"]);
-    assert_eq!(whoami(addr(rw)), "node1");
-    let mut seen: Vec<String> = (0..4).map(|_| whoami(addr(ro))).collect();
+    assert_eq!(whoami(local(rw)), "node1");
+    let mut seen: Vec<String> = (0..4).map(|_| whoami(local(ro))).collect();
     seen.sort();
     seen.dedup();
     assert_eq!(seen, ["node2", "node3"]);
@@ -362,10 +350,10 @@ fn member_hosts_may_be_dns_names_or_ipv6_literals() {
     );
     let p = Proxy::start(&config(free_port(), &[api.url()], &ports, ""));
     p.wait_backends("main", "rw", &["node1"]);
-    assert_eq!(whoami(addr(rw)), "node1", "resolved in the updater thread");
+    assert_eq!(whoami(local(rw)), "node1", "resolved in the updater thread");
     if v6.is_some() {
         p.wait_backends("main", "ro", &["node2"]);
-        assert_eq!(whoami(addr(ro)), "node2", "an IPv6 member address");
+        assert_eq!(whoami(local(ro)), "node2", "an IPv6 member address");
     } else {
         eprintln!("no IPv6 loopback here: IPv6 member part skipped");
     }

@@ -8,10 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// A proxy with one `any` port in front of `members` (name, address).
 fn any_port(members: &[(&str, SocketAddr)], extra: &str) -> (MockPatroni, Proxy, SocketAddr) {
     let ms = members
@@ -37,7 +33,7 @@ fn any_port(members: &[(&str, SocketAddr)], extra: &str) -> (MockPatroni, Proxy,
     ));
     let names: Vec<&str> = members.iter().map(|(n, _)| *n).collect();
     p.wait_backends("main", "any", &names);
-    (api, p, addr(port))
+    (api, p, local(port))
 }
 
 #[test]
@@ -263,7 +259,7 @@ fn running_out_of_file_descriptors_pauses_and_recovers() {
     });
     p.wait_backends("main", "rw", &["node1"]);
     // Each session needs two descriptors: 40 clients cannot all be served.
-    let mut clients: Vec<Client> = (0..40).map(|_| Client::connect(addr(port))).collect();
+    let mut clients: Vec<Client> = (0..40).map(|_| Client::connect(local(port))).collect();
     let mut served = 0;
     for c in clients.iter_mut() {
         c.stream
@@ -280,6 +276,6 @@ fn running_out_of_file_descriptors_pauses_and_recovers() {
     assert!(wait_until(Duration::from_secs(10), || p.status()
         ["sessions"]
         == 0));
-    let mut c = Client::connect(addr(port));
+    let mut c = Client::connect(local(port));
     assert_eq!(c.greeting(), "node1");
 }

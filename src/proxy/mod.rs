@@ -439,13 +439,36 @@ impl Proxy {
                         s.tried.push(target.1);
                         continue;
                     }
-                    let at = now + connect_timeout;
                     s.backend = Some(ep);
                     s.target = Some(target);
                     s.phase = Phase::Connecting;
-                    s.deadline = Some(at);
-                    timers.add(at, Timer::Session(key, s.id));
-                    return;
+                    // On loopback and fast networks the handshake is often
+                    // over (or refused) by now: check at once instead of
+                    // waiting a loop turn for the event, so the client's
+                    // buffered startup packet leaves without delay.
+                    match s.check_connect() {
+                        Connect::Done => {
+                            s.phase = Phase::Streaming;
+                            // A held client's wait deadline no longer applies.
+                            s.deadline = None;
+                            if let Some(b) = s.backend.as_mut() {
+                                b.writable = true;
+                            }
+                            debug!(
+                                "session={} backend={} connected",
+                                s.id,
+                                describe_target(&s.target)
+                            );
+                            return self.pump(key);
+                        }
+                        Connect::Failed(e) => return self.connect_failed(key, &e.to_string()),
+                        Connect::Pending => {
+                            let at = now + connect_timeout;
+                            s.deadline = Some(at);
+                            timers.add(at, Timer::Session(key, s.id));
+                            return;
+                        }
+                    }
                 }
                 Err(e) => {
                     warn!(
@@ -967,7 +990,8 @@ impl Proxy {
         Ok(())
     }
 
-    fn remove_listener(&mut self, lk: usize, why: &str) {
+    /// Closes every session of listener `lk`.
+    fn close_listener_sessions(&mut self, lk: usize, why: &str) {
         let keys: Vec<usize> = self
             .sessions
             .iter()
@@ -977,6 +1001,10 @@ impl Proxy {
         for k in keys {
             self.close_session(k, why, Level::Debug);
         }
+    }
+
+    fn remove_listener(&mut self, lk: usize, why: &str) {
+        self.close_listener_sessions(lk, why);
         if let Some(mut l) = self.listeners.try_remove(lk) {
             let _ = self.poll.registry().deregister(&mut l.socket);
             info!("port={} on {} closed: {why}", l.label, l.addr);
@@ -1137,15 +1165,7 @@ impl Proxy {
                 None => self.remove_listener(lk, "removed by reload"),
                 Some((c, p)) => {
                     if l.cluster != c.name {
-                        let keys: Vec<usize> = self
-                            .sessions
-                            .iter()
-                            .filter(|(_, s)| s.listener == lk)
-                            .map(|(k, _)| k)
-                            .collect();
-                        for k in keys {
-                            self.close_session(k, "port moved to another cluster", Level::Debug);
-                        }
+                        self.close_listener_sessions(lk, "port moved to another cluster");
                     }
                     self.listeners[lk].configure(c, p);
                 }

@@ -580,3 +580,29 @@ pub fn listen_inode(pid: i32, port: u16) -> Option<u64> {
         });
     owned.then_some(inode)
 }
+
+/// `127.0.0.1:port`.
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Backends node1..node3 and a mock API answering node1 leader, node2 and
+/// node3 streaming replicas (node3 `node3_lag` bytes behind).
+pub fn three_nodes(node3_lag: u64) -> (Vec<Backend>, MockPatroni) {
+    let nodes: Vec<Backend> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| Backend::start(n))
+        .collect();
+    let api = MockPatroni::start(&cluster(vec![
+        member("node1", "leader", "running", nodes[0].addr, None),
+        member("node2", "replica", "streaming", nodes[1].addr, Some(0)),
+        member(
+            "node3",
+            "replica",
+            "streaming",
+            nodes[2].addr,
+            Some(node3_lag),
+        ),
+    ]));
+    (nodes, api)
+}
