@@ -257,7 +257,10 @@ impl Worker {
                     self.recovered(&host, &errors);
                     let changed = self.last.as_ref() != Some(&topology);
                     if changed {
-                        self.fast_until = Some(Instant::now() + FAST_WINDOW);
+                        // Poll fast after a change, not after the first answer.
+                        if self.last.is_some() {
+                            self.fast_until = Some(Instant::now() + FAST_WINDOW);
+                        }
                         self.last = Some(topology.clone());
                     }
                     return Ok(Polled {

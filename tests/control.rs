@@ -207,6 +207,37 @@ fn sighup_adds_and_removes_ports_and_moves_hosts() {
     rig.proxy.wait_backends("main", "rw", &["node2"]);
     assert_eq!(whoami(local(rig.rw)), "node2");
     assert_eq!(whoami(local(new_port)), "node2");
+
+    // The admin address moves too, and a new poll interval applies.
+    let new_admin = free_port();
+    rig.proxy.rewrite_config(
+        &config(
+            new_admin,
+            &[other.url()],
+            &format!("rw: {{listen: \"127.0.0.1:{}\", roles: [leader]}}", rig.rw),
+            "",
+        )
+        .replace(
+            "cluster_update_interval: 0.2",
+            "cluster_update_interval: 0.5",
+        ),
+    );
+    rig.proxy.signal(libc::SIGHUP);
+    assert!(rig
+        .proxy
+        .wait_log(&format!("admin interface moved to 127.0.0.1:{new_admin}")));
+    assert_eq!(http_get(local(new_admin), "/").unwrap().0, 200);
+    assert!(
+        TcpStream::connect(local(rig.admin)).is_err(),
+        "the old admin address is closed"
+    );
+    let polls = other.requests();
+    std::thread::sleep(Duration::from_millis(1600));
+    let rate = other.requests() - polls;
+    assert!(
+        (2..=5).contains(&rate),
+        "{rate} polls in 1.6 s at a 0.5 s interval"
+    );
 }
 
 #[test]

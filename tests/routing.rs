@@ -101,6 +101,20 @@ fn least_connections_balances_replicas() {
         2,
         "{names:?}"
     );
+    // An unrelated change (node3's lag) keeps the counters.
+    let n = &rig.nodes;
+    rig.api.set(&cluster(vec![
+        member("node1", "leader", "running", n[0].addr, None),
+        member("node2", "replica", "streaming", n[1].addr, Some(0)),
+        member("node3", "replica", "streaming", n[2].addr, Some(77)),
+    ]));
+    assert_eq!(rig.proxy.update(), 200);
+    let ports = &rig.proxy.status()["clusters"]["main"]["ports"]["ro"];
+    assert_eq!(
+        ports["backends"][0]["active"], 2,
+        "counters survive topology updates"
+    );
+    assert_eq!(ports["backends"][1]["active"], 2);
     // Close both node2 sessions: the next two clients go to node2.
     let mut keep = Vec::new();
     for (c, n) in held.into_iter().zip(&names) {
