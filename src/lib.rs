@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod notify;
 pub mod patroni;
 pub mod proxy;
 pub mod signals;

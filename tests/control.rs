@@ -338,3 +338,44 @@ fn shutdown_timeout_bounds_the_drain() {
     assert!(start.elapsed() >= Duration::from_millis(400));
     assert!(open.is_closed());
 }
+
+#[test]
+fn systemd_is_told_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new();
+    let path = dir.0.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let (_nodes, api) = three_nodes(0);
+    let (admin, rw) = (free_port(), free_port());
+    let ports = format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}");
+    let cfg = config(admin, &[api.url()], &ports, "");
+    let mut proxy = Proxy::start_with(&cfg, |cmd| {
+        cmd.env("NOTIFY_SOCKET", &path);
+    });
+    let ready = next();
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=serving 1 ports of 1 clusters"),
+        "{ready}"
+    );
+    proxy.signal(libc::SIGHUP);
+    assert!(next().starts_with("RELOADING=1"));
+    assert!(next().starts_with("READY=1\nSTATUS=reloaded"));
+    proxy.rewrite_config("clusters: [");
+    proxy.signal(libc::SIGHUP);
+    assert!(next().starts_with("RELOADING=1"));
+    let failed = next();
+    assert!(
+        failed.starts_with("READY=1\nSTATUS=reload failed, previous configuration kept"),
+        "{failed}"
+    );
+    proxy.signal(libc::SIGTERM);
+    assert!(next().starts_with("STOPPING=1"));
+    assert!(proxy.wait_exit(Duration::from_secs(5)).unwrap().success());
+}

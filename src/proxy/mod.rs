@@ -45,6 +45,7 @@ use slab::Slab;
 use crate::admin::{Request, Response, Route};
 use crate::config::{self, ClusterConfig, Config, PortConfig};
 use crate::error::{Error, Result};
+use crate::notify;
 use crate::signals::{Action, Signals};
 use crate::topology::{self, Topology};
 use crate::updater::{self, Update};
@@ -197,6 +198,11 @@ impl Proxy {
     /// poll itself fails.
     pub fn run(&mut self) -> Result<()> {
         let mut events = Events::with_capacity(1024);
+        notify::notify(&format!(
+            "READY=1\nSTATUS=serving {} ports of {} clusters",
+            self.listeners.len(),
+            self.clusters.len()
+        ));
         loop {
             let now = Instant::now();
             let timeout = if !self.run_queue.is_empty() || self.accept_more {
@@ -1060,6 +1066,7 @@ impl Proxy {
         }
         let at = Instant::now() + self.config.shutdown_timeout;
         self.drain_deadline = Some(at);
+        notify::notify("STOPPING=1\nSTATUS=draining open sessions");
         self.timers.add(at, Timer::Drain);
         for lk in 0..self.listeners.capacity() {
             if let Some(mut l) = self.listeners.try_remove(lk) {
@@ -1091,9 +1098,27 @@ impl Proxy {
             return;
         }
         info!("SIGHUP: reloading {}", self.config_path.display());
+        notify::notify("RELOADING=1\nSTATUS=reloading the configuration");
+        match self.try_reload() {
+            Ok(()) => notify::notify(&format!(
+                "READY=1\nSTATUS=reloaded; serving {} ports of {} clusters",
+                self.listeners.len(),
+                self.clusters.len()
+            )),
+            Err(e) => {
+                error!("reload failed; keeping the running configuration: {e}");
+                let first = e.lines().next().unwrap_or_default().to_string();
+                notify::notify(&format!(
+                    "READY=1\nSTATUS=reload failed, previous configuration kept: {first}"
+                ));
+            }
+        }
+    }
+
+    fn try_reload(&mut self) -> std::result::Result<(), String> {
         let new = match config::load(&self.config_path) {
             Ok(c) => c,
-            Err(e) => return error!("reload failed; keeping the running configuration: {e}"),
+            Err(e) => return Err(e.to_string()),
         };
         let mut fresh: HashMap<SocketAddr, TcpListener> = HashMap::new();
         for (_, port) in new.ports() {
@@ -1104,13 +1129,13 @@ impl Proxy {
                 Ok(s) => {
                     fresh.insert(port.listen, s);
                 }
-                Err(e) => return error!("reload failed; keeping the running configuration: {e}"),
+                Err(e) => return Err(e.to_string()),
             }
         }
         let admin = if new.listen_address != self.config.listen_address {
             match bind(new.listen_address, new.listen_backlog) {
                 Ok(s) => Some(s),
-                Err(e) => return error!("reload failed; keeping the running configuration: {e}"),
+                Err(e) => return Err(e.to_string()),
             }
         } else {
             None
@@ -1186,6 +1211,7 @@ impl Proxy {
             self.clusters.len(),
             self.listeners.len()
         );
+        Ok(())
     }
 
     // ---- admin --------------------------------------------------------------
