@@ -278,17 +278,7 @@ fn stale_topology_refuses_new_clients_but_keeps_sessions() {
 
 #[test]
 fn proxy_environment_variables_do_not_hijack_api_polls() {
-    let n1 = Backend::start("node1");
-    let api = MockPatroni::start(&cluster(vec![member(
-        "node1", "leader", "running", n1.addr, None,
-    )]));
-    let rw = free_port();
-    let cfg = config(
-        free_port(),
-        &[api.url()],
-        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"),
-        "",
-    );
+    let (_n1, _api, cfg, rw) = one_leader("");
     // Port 9 (discard) on loopback: nothing listens, every proxied request would fail.
     let p = Proxy::start_with(&cfg, |cmd| {
         for var in [

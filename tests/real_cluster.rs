@@ -187,6 +187,18 @@ impl Cluster {
         );
     }
 
+    fn switchover(&self, leader: &str, candidate: &str) {
+        self.patronictl(&[
+            "switchover",
+            "demo",
+            "--leader",
+            leader,
+            "--candidate",
+            candidate,
+            "--force",
+        ]);
+    }
+
     fn run(&self, args: &[&str]) -> String {
         let out = Command::new(&self.script).args(args).output().unwrap();
         assert!(
@@ -433,15 +445,7 @@ fn c_switchover() {
         thread::spawn(move || first_write(rw, old_port, Duration::from_secs(60)))
     };
     let started = Instant::now();
-    rig.c.patronictl(&[
-        "switchover",
-        "demo",
-        "--leader",
-        &old,
-        "--candidate",
-        &candidate,
-        "--force",
-    ]);
+    rig.c.switchover(&old, &candidate);
     let (new_name, seen_at) = rig.c.wait_new_leader(&old, Duration::from_secs(60));
     assert_eq!(new_name, candidate);
     let (written_at, port) = writer.join().unwrap();
@@ -778,15 +782,7 @@ fn i_pgbench_new_connections_across_a_switchover() {
         })
     };
     thread::sleep(Duration::from_secs(3));
-    rig.c.patronictl(&[
-        "switchover",
-        "demo",
-        "--leader",
-        &old,
-        "--candidate",
-        &candidate,
-        "--force",
-    ]);
+    rig.c.switchover(&old, &candidate);
     rig.c.wait_new_leader(&old, Duration::from_secs(60));
     thread::sleep(Duration::from_secs(4));
     done.store(true, Ordering::SeqCst);

@@ -231,17 +231,7 @@ fn max_connections_pauses_accepting_and_resumes() {
 
 #[test]
 fn running_out_of_file_descriptors_pauses_and_recovers() {
-    let b = Backend::start("node1");
-    let api = MockPatroni::start(&cluster(vec![member(
-        "node1", "leader", "running", b.addr, None,
-    )]));
-    let port = free_port();
-    let cfg = config(
-        free_port(),
-        &[api.url()],
-        &format!("rw: {{listen: \"127.0.0.1:{port}\", roles: [leader]}}"),
-        "",
-    );
+    let (_b, _api, cfg, port) = one_leader("");
     let p = Proxy::start_with(&cfg, |cmd| {
         // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
         unsafe {

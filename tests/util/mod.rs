@@ -606,3 +606,20 @@ pub fn three_nodes(node3_lag: u64) -> (Vec<Backend>, MockPatroni) {
     ]));
     (nodes, api)
 }
+
+/// Backend node1, a mock API with node1 as the only member (leader), and a
+/// config with one `rw` leader port; returns them with the port.
+pub fn one_leader(extra: &str) -> (Backend, MockPatroni, String, u16) {
+    let n1 = Backend::start("node1");
+    let api = MockPatroni::start(&cluster(vec![member(
+        "node1", "leader", "running", n1.addr, None,
+    )]));
+    let rw = free_port();
+    let cfg = config(
+        free_port(),
+        &[api.url()],
+        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"),
+        extra,
+    );
+    (n1, api, cfg, rw)
+}
