@@ -230,7 +230,7 @@ fn max_connections_pauses_accepting_and_resumes() {
 }
 
 #[test]
-fn running_out_of_file_descriptors_pauses_and_recovers() {
+fn running_out_of_file_descriptors_is_survived_and_recovered_from() {
     let (_b, _api, cfg, port) = one_leader("");
     let p = Proxy::start_with(&cfg, |cmd| {
         // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.

@@ -583,11 +583,7 @@ impl Proxy {
                         self.new_session(lk, sock, peer);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => l.accept_ready = false,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                        ) => {}
+                    Err(e) if accept_retry(&e) => {}
                     Err(e) => return self.pause_accepting(&e),
                 }
             }
@@ -1241,11 +1237,7 @@ impl Proxy {
                     self.timers.add(deadline, Timer::Admin(key, id));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.admin_accept_ready = false,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                    ) => {}
+                Err(e) if accept_retry(&e) => {}
                 Err(e) => {
                     warn!("admin accept failed: {e}");
                     return; // retried on the next loop turn
@@ -1520,6 +1512,16 @@ impl Drop for Proxy {
             c.updater.stop();
         }
     }
+}
+
+/// An accept error after which the next accept may well succeed: a signal,
+/// or a client that gave up while queued. Anything else (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM) leaves the connection in the backlog.
+fn accept_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+    )
 }
 
 fn port_name(l: &Listener) -> &str {
