@@ -2,7 +2,7 @@
 //! failures and timeouts, connection and file-descriptor limits.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
@@ -268,4 +268,63 @@ fn running_out_of_file_descriptors_is_survived_and_recovered_from() {
         == 0));
     let mut c = Client::connect(local(port));
     assert_eq!(c.greeting(), "node1");
+}
+
+#[test]
+fn accept_pauses_on_emfile_and_resumes_when_descriptors_free() {
+    // A port with no routable member: each held client costs the proxy one
+    // descriptor, so the table fills and accept itself fails with EMFILE.
+    let (_n1, _api, cfg, _) = one_leader("");
+    let held = free_port();
+    let cfg = cfg.replace(
+        "    ports:\n",
+        &format!("    ports:\n      held: {{listen: \"127.0.0.1:{held}\", roles: [sync], backend_wait_timeout: 60}}\n"),
+    );
+    let p = Proxy::start_with(&cfg, |cmd| {
+        // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 40,
+                    rlim_max: 40,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let mut clients: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(local(held)).unwrap())
+        .collect();
+    assert!(
+        p.wait_log("accept failed: Too many open files"),
+        "accept hit the descriptor limit"
+    );
+    assert!(
+        p.log().matches("pausing accepts").count() == 1,
+        "logged once per episode, no busy loop"
+    );
+    // Free descriptors by closing the first 20 (accepted) clients: accepting
+    // resumes on its timer, and every remaining client, including those that
+    // were still queued in the backlog, becomes a session.
+    let rest = clients.split_off(20);
+    drop(clients);
+    let sessions = || {
+        p.get("/clusters")
+            .ok()
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .and_then(|s| s["sessions"].as_u64())
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || sessions() == Some(20)),
+        "the backlog was not drained after the pause: {:?} sessions\n{}",
+        sessions(),
+        p.log()
+    );
+    drop(rest);
+    assert!(wait_until(Duration::from_secs(10), || p.status()
+        ["sessions"]
+        == 0));
 }
