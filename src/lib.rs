@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod notify;
 pub mod patroni;
+pub mod pgwire;
 pub mod proxy;
 pub mod signals;
 pub mod topology;

@@ -357,3 +357,120 @@ fn a_held_client_keeps_its_session_past_the_wait_deadline() {
     std::thread::sleep(Duration::from_millis(900));
     assert!(c.echo("still connected after the wait deadline"));
 }
+
+/// A leader port in front of PostgreSQL-like backends.
+fn pg_rig(members: &[(&str, &str, SocketAddr)], rw_opts: &str) -> (MockPatroni, Proxy, SocketAddr) {
+    let ms = members
+        .iter()
+        .map(|(n, role, a)| member(n, role, "running", *a, Some(0)))
+        .collect();
+    let api = MockPatroni::start(&cluster(ms));
+    let rw = free_port();
+    let ports = format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]{rw_opts}}}");
+    let proxy = Proxy::start(&config(free_port(), &[api.url()], &ports, ""));
+    let leader = members.iter().find(|m| m.1 == "leader").unwrap().0;
+    proxy.wait_backends("main", "rw", &[leader]);
+    (api, proxy, local(rw))
+}
+
+#[test]
+fn a_refused_startup_is_retried_until_the_server_accepts() {
+    // A leader restarting: it refuses two start-ups, then accepts.
+    let pg = PgBackend::start("node1", 2);
+    let (_api, p, rw) = pg_rig(&[("node1", "leader", pg.addr)], "");
+    let start = Instant::now();
+    assert_eq!(
+        pg_start(rw, true),
+        Ok((1, "node1".to_string())),
+        "one N, then a clean start-up"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(450),
+        "two retries, 250 ms apart"
+    );
+    assert_eq!(pg.refused.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(p.log().contains(
+        "refused the start-up (the database system is shutting down); retrying in 250 ms"
+    ));
+    // Without an SSLRequest too.
+    pg.set_refuse(1);
+    assert_eq!(pg_start(rw, false), Ok((0, "node1".to_string())));
+}
+
+#[test]
+fn a_refused_startup_follows_the_switchover() {
+    // The old leader shuts down before /cluster says so: it refuses.
+    let old = PgBackend::start("node1", usize::MAX);
+    let new = PgBackend::start("node2", 0);
+    let (api, p, rw) = pg_rig(
+        &[
+            ("node1", "leader", old.addr),
+            ("node2", "replica", new.addr),
+        ],
+        "",
+    );
+    let client = std::thread::spawn(move || pg_start(rw, true));
+    assert!(wait_until(Duration::from_secs(5), || old
+        .refused
+        .load(std::sync::atomic::Ordering::SeqCst)
+        >= 1));
+    api.set(&cluster(vec![
+        member("node1", "replica", "stopping", old.addr, None),
+        member("node2", "leader", "running", new.addr, None),
+    ]));
+    assert_eq!(p.update(), 200);
+    assert_eq!(
+        client.join().unwrap(),
+        Ok((1, "node2".to_string())),
+        "the client never saw the refusal"
+    );
+}
+
+#[test]
+fn a_refusal_is_relayed_when_no_retry_is_left() {
+    let pg = PgBackend::start("node1", usize::MAX);
+    let (_api, p, rw) = pg_rig(
+        &[("node1", "leader", pg.addr)],
+        ", backend_wait_timeout: 0.6",
+    );
+    let start = Instant::now();
+    let err = pg_start(rw, true).unwrap_err();
+    assert!(
+        err.contains("57P03") && err.contains("the database system is shutting down"),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(p.log().contains("relaying it"));
+}
+
+#[test]
+fn a_start_up_on_a_demoted_leader_is_replayed_on_the_new_one() {
+    // The old leader took the TCP connection but has not answered the
+    // start-up when the switchover shows in /cluster.
+    let old = PgBackend::start("node1", 0);
+    old.set_silent(true);
+    let new = PgBackend::start("node2", 0);
+    let (api, p, rw) = pg_rig(
+        &[
+            ("node1", "leader", old.addr),
+            ("node2", "replica", new.addr),
+        ],
+        "",
+    );
+    let client = std::thread::spawn(move || pg_start(rw, true));
+    assert!(wait_until(Duration::from_secs(5), || old
+        .held
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 1));
+    api.set(&cluster(vec![
+        member("node1", "replica", "streaming", old.addr, Some(0)),
+        member("node2", "leader", "running", new.addr, None),
+    ]));
+    assert_eq!(p.update(), 200);
+    assert_eq!(
+        client.join().unwrap(),
+        Ok((1, "node2".to_string())),
+        "replayed, not failed"
+    );
+    assert!(p.log().contains("member no longer routable"));
+}

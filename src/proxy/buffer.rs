@@ -169,6 +169,10 @@ impl Pool {
         }
     }
 
+    pub fn buffer_size(&self) -> usize {
+        self.size
+    }
+
     pub fn pipes_in_use(&self) -> usize {
         self.pipes_in_use
     }

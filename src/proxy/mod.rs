@@ -73,6 +73,8 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(100);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 const STALE_REMINDER: Duration = Duration::from_secs(60);
+/// How long a client waits before its refused start-up is retried.
+const STARTUP_RETRY: Duration = Duration::from_millis(250);
 
 /// What the loop knows of one cluster.
 struct ClusterState {
@@ -342,6 +344,7 @@ impl Proxy {
                 }
             }
             Pumped::Finished => self.close_session(key, "finished", Level::Debug),
+            Pumped::Refused(why) => self.retry_refused(key, &why, STARTUP_RETRY, false),
             Pumped::Failed(side, e) => {
                 let level = match e.kind() {
                     io::ErrorKind::ConnectionReset
@@ -417,6 +420,7 @@ impl Proxy {
         let Some(s) = sessions.get_mut(key) else {
             return;
         };
+        s.retry_pending = false;
         let Some(l) = listeners.get_mut(s.listener) else {
             return self.close_session(key, "port removed", Level::Debug);
         };
@@ -509,6 +513,51 @@ impl Proxy {
             "session={} port={} waiting for a routable member",
             s.id, l.label
         );
+    }
+
+    /// The backend refused the connection start-up with SQLSTATE 57P03: a
+    /// demoted leader shutting down, or a member starting up. Hold the client
+    /// for a moment (within `backend_wait_timeout`), then route it again and
+    /// replay its start-up; by then the topology usually names the new
+    /// leader. The client sees nothing of the refused attempt.
+    /// `evicted`: the member lost its role (rather than refused); without a
+    /// retry such a session is closed, not relayed.
+    fn retry_refused(&mut self, key: usize, why: &str, delay: Duration, evicted: bool) {
+        let now = Instant::now();
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let member = describe_target(&s.target);
+        let (label, wait) = self
+            .listeners
+            .get(s.listener)
+            .map_or(("?".to_string(), Duration::ZERO), |l| {
+                (l.label.clone(), l.wait)
+            });
+        let at = now + delay;
+        let in_time = at <= s.waiting_since.unwrap_or(now) + wait;
+        if !in_time || !s.prepare_replay(self.poll.registry(), &mut self.pool) {
+            if evicted {
+                return self.close_session(key, why, Level::Debug);
+            }
+            // No retry: the client gets the refusal as the server sent it.
+            info!("session={} port={label} backend={member} refused the start-up ({why}); relaying it", s.id);
+            s.relay_startup(&mut self.pool);
+            return self.pump(key);
+        }
+        if let (Some(t), Some(l)) = (s.target.take(), self.listeners.get_mut(s.listener)) {
+            l.release(&t);
+        }
+        info!(
+            "session={} port={label} backend={member} refused the start-up ({why}); retrying in {} ms",
+            s.id,
+            delay.as_millis()
+        );
+        s.waiting_since.get_or_insert(now);
+        s.phase = Phase::Waiting;
+        s.retry_pending = true;
+        s.deadline = Some(at);
+        self.timers.add(at, Timer::Session(key, s.id));
     }
 
     /// The connect to the session's backend failed: try the next member.
@@ -675,6 +724,8 @@ impl Proxy {
             return; // cancelled or moved: lazy timer cancellation
         }
         match s.phase {
+            // The pause after a refused start-up is over: route again.
+            Phase::Waiting if s.retry_pending => self.route(key),
             Phase::Waiting => self.close_session(
                 key,
                 "no routable member within backend_wait_timeout",
@@ -868,16 +919,21 @@ impl Proxy {
 
         let mut close = Vec::new();
         let mut reroute = Vec::new();
+        let mut replay = Vec::new();
         let mut start = Vec::new();
         for (k, s) in self.sessions.iter().filter(|(_, s)| s.listener == lk) {
             match s.phase {
                 Phase::Streaming | Phase::Connecting => {
                     let Some(t) = &s.target else { continue };
                     if let Some((_, why)) = evicted.iter().find(|(e, _)| e == t) {
-                        if s.phase == Phase::Streaming {
-                            close.push((k, why.clone()));
-                        } else {
+                        if s.phase == Phase::Connecting {
                             reroute.push(k);
+                        } else if s.startup.is_some() {
+                            // Nothing but the start-up happened yet: replay
+                            // it elsewhere instead of failing the client.
+                            replay.push((k, why.clone()));
+                        } else {
+                            close.push((k, why.clone()));
                         }
                     }
                 }
@@ -902,6 +958,14 @@ impl Proxy {
                 k,
                 &format!("member no longer routable: {why}"),
                 Level::Debug,
+            );
+        }
+        for (k, why) in replay {
+            self.retry_refused(
+                k,
+                &format!("member no longer routable: {why}"),
+                Duration::ZERO,
+                true,
             );
         }
         for k in reroute {

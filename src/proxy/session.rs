@@ -28,8 +28,17 @@
 //! socket and for a full pipe, so only an empty pipe proves the socket is
 //! drained; otherwise the pipe is marked full and reading resumes after the
 //! next write, without losing the socket's edge.
+//!
+//! Start-up: until the server's first real answer, the session keeps a copy
+//! of what the client sent and holds the server's bytes back. If the server
+//! refuses the start-up with SQLSTATE 57P03 (shutting down, starting up),
+//! the loop drops that backend and retries, replaying the client's bytes and
+//! swallowing the repeated `N` answer to an SSLRequest, so the client never
+//! sees the refusal. Anything that is not a PostgreSQL start-up, a TLS or GSS
+//! acceptance, or any other answer ends the examination at once; from then on
+//! the session is a plain byte relay.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::Instant;
 
@@ -41,6 +50,7 @@ use super::buffer::{Buffer, Pipe, Pool};
 use super::listener::Target;
 use super::sockopt;
 use super::token::Side;
+use crate::pgwire::{self, Answer};
 
 /// One socket of the pair and what we know of it.
 pub struct Endpoint {
@@ -108,6 +118,9 @@ pub enum Pumped {
     Finished,
     /// A socket failed.
     Failed(Side, io::Error),
+    /// The backend refused the connection start-up because it is going away
+    /// or not there yet (SQLSTATE 57P01-57P03), or closed without answering.
+    Refused(String),
 }
 
 pub struct Session {
@@ -131,6 +144,35 @@ pub struct Session {
     pub bytes_down: u64,
     /// On the run queue already.
     pub queued: bool,
+    /// The PostgreSQL start-up under way, until the server's first real
+    /// answer; `None` afterwards or for traffic that is not PostgreSQL.
+    pub startup: Option<Box<Startup>>,
+    /// Waiting only to retry a refused start-up (not for a routable member).
+    pub retry_pending: bool,
+}
+
+/// Largest client start-up kept for a replay.
+const MAX_STARTUP_BYTES: usize = 8192;
+/// An SSLRequest or GSSENCRequest is 8 bytes.
+const ENCRYPTION_REQUEST_BYTES: usize = 8;
+
+/// What a session keeps of its connection start-up so that a server that
+/// refuses it with SQLSTATE 57P03 (shutting down, starting up) can be
+/// replaced without the client noticing (see `pgwire`).
+#[derive(Default)]
+pub struct Startup {
+    /// Every byte the client has sent.
+    pub sent: Vec<u8>,
+    /// `N` answers the client got to its encryption requests.
+    pub answered: usize,
+    /// `N` answers a new backend will repeat after a retry: not relayed.
+    pub swallow: usize,
+    /// The server's answer, held back until it is understood.
+    pub reply: Vec<u8>,
+    /// During a replay: how much of `sent` went to the new backend. Each
+    /// encryption request goes alone and the rest only after its `N`, as
+    /// PostgreSQL rejects data sent behind an SSLRequest before its answer.
+    pub replayed: usize,
 }
 
 impl Session {
@@ -151,6 +193,8 @@ impl Session {
             bytes_up: 0,
             bytes_down: 0,
             queued: false,
+            startup: Some(Box::default()),
+            retry_pending: false,
         }
     }
 
@@ -193,9 +237,19 @@ impl Session {
     /// Moves bytes both ways, up to `budget` bytes per direction.
     pub fn pump(&mut self, pool: &mut Pool, budget: usize) -> Pumped {
         let connected = self.phase == Phase::Streaming;
+        let tap = self.startup.as_deref_mut().map(|st| &mut st.sent);
         let Some(backend) = self.backend.as_mut().filter(|_| connected) else {
             // Waiting or connecting: only collect what the client sends.
-            return match transfer(&mut self.client, None, &mut self.to_backend, pool, budget) {
+            let r = transfer(
+                &mut self.client,
+                None,
+                &mut self.to_backend,
+                pool,
+                budget,
+                tap,
+            );
+            self.check_startup_bytes(pool);
+            return match r {
                 Ok((n, _)) => {
                     self.bytes_up += n as u64;
                     Pumped::Idle
@@ -209,22 +263,61 @@ impl Session {
             &mut self.to_backend,
             pool,
             budget,
+            tap,
         ) {
             Ok(r) => r,
             Err(e) => return Pumped::Failed(e.side, e.error),
         };
-        let down = match transfer(
-            backend,
-            Some(&mut self.client),
-            &mut self.to_client,
-            pool,
-            budget,
-        ) {
-            Ok(r) => r,
-            Err(e) => return Pumped::Failed(e.side.flip(), e.error),
+        // During the start-up the server's first answer is examined before
+        // anything of it reaches the client.
+        let mut examining = false;
+        if let Some(st) = self.startup.as_deref_mut() {
+            match first_answer(st, backend, &mut self.client, &mut self.to_backend, pool) {
+                Ok(FirstAnswer::Pending) => examining = true,
+                Ok(FirstAnswer::Understood) => {
+                    let st = self.startup.take().expect("checked above");
+                    disengage(&st, &mut self.to_client, pool);
+                }
+                Ok(FirstAnswer::Refused(why)) => return Pumped::Refused(why),
+                Err(e) => return Pumped::Failed(e.side, e.error),
+            }
+        }
+        let Some(backend) = self.backend.as_mut() else {
+            return Pumped::Idle;
         };
+        // A replay may have queued the rest of the start-up: send it now.
+        if !self.to_backend.is_empty() && backend.writable {
+            let up = transfer(
+                &mut self.client,
+                Some(&mut *backend),
+                &mut self.to_backend,
+                pool,
+                budget,
+                None,
+            );
+            if let Err(e) = up {
+                return Pumped::Failed(e.side, e.error);
+            }
+        }
+        let down = if examining {
+            (0, false)
+        } else {
+            match transfer(
+                backend,
+                Some(&mut self.client),
+                &mut self.to_client,
+                pool,
+                budget,
+                None,
+            ) {
+                Ok(r) => r,
+                Err(e) => return Pumped::Failed(e.side.flip(), e.error),
+            }
+        };
+        self.check_startup_bytes(pool);
         self.bytes_up += up.0 as u64;
         self.bytes_down += down.0 as u64;
+        let backend = self.backend.as_ref().expect("connected");
         let up_done = self.client.read_eof && backend.write_shut;
         let down_done = backend.read_eof && self.client.write_shut;
         match (up_done, down_done) {
@@ -233,6 +326,57 @@ impl Session {
             (true, false) | (false, true) => Pumped::HalfClosed,
             (false, false) => Pumped::Idle,
         }
+    }
+
+    /// Stops watching the start-up when the client's bytes are not a
+    /// PostgreSQL start-up, or too many to replay.
+    fn check_startup_bytes(&mut self, pool: &mut Pool) {
+        let Some(st) = self.startup.as_deref() else {
+            return;
+        };
+        if st.sent.len() > MAX_STARTUP_BYTES || pgwire::client_start(&st.sent).is_none() {
+            let st = self.startup.take().expect("checked above");
+            disengage(&st, &mut self.to_client, pool);
+        }
+    }
+
+    /// Stops examining the start-up and relays what the server said.
+    pub fn relay_startup(&mut self, pool: &mut Pool) {
+        if let Some(st) = self.startup.take() {
+            disengage(&st, &mut self.to_client, pool);
+        }
+    }
+
+    /// Prepares a retry after the backend refused the start-up: the client's
+    /// bytes go out again to the next backend, whose repeated `N` answers are
+    /// not relayed. False when the start-up cannot be replayed.
+    pub fn prepare_replay(&mut self, registry: &Registry, pool: &mut Pool) -> bool {
+        if self
+            .startup
+            .as_ref()
+            .is_none_or(|st| st.sent.len() > pool.buffer_size())
+        {
+            return false;
+        }
+        self.drop_backend(registry);
+        let Some(st) = self.startup.as_deref_mut() else {
+            return false;
+        };
+        self.to_backend.release(pool);
+        st.swallow = st.answered;
+        st.reply.clear();
+        st.replayed = if st.answered > 0 {
+            ENCRYPTION_REQUEST_BYTES
+        } else {
+            st.sent.len()
+        };
+        let mut buf = pool.take();
+        if buf.read_from(&mut &st.sent[..st.replayed]).is_err() {
+            pool.give(buf);
+            return false;
+        }
+        self.to_backend = Slot::Buf(buf);
+        true
     }
 
     /// Deregisters both sockets and gives back buffers. Sockets close when
@@ -316,13 +460,14 @@ fn transfer(
     slot: &mut Slot,
     pool: &mut Pool,
     budget: usize,
+    tap: Option<&mut Vec<u8>>,
 ) -> Result<(usize, bool), TransferError> {
     let Some(dst) = dst else {
-        return copy(src, None, slot, pool, budget).map(|(n, over, _)| (n, over));
+        return copy(src, None, slot, pool, budget, tap).map(|(n, over, _)| (n, over));
     };
     let mut moved = 0;
     if !matches!(slot, Slot::Pipe(_)) {
-        let (n, over, bulk) = copy(src, Some(&mut *dst), slot, pool, budget)?;
+        let (n, over, bulk) = copy(src, Some(&mut *dst), slot, pool, budget, tap)?;
         moved = n;
         if over || !bulk {
             return Ok((moved, over));
@@ -345,6 +490,7 @@ fn copy(
     slot: &mut Slot,
     pool: &mut Pool,
     budget: usize,
+    mut tap: Option<&mut Vec<u8>>,
 ) -> Result<(usize, bool, bool), TransferError> {
     let mut moved = 0;
     let mut bulk = false;
@@ -368,6 +514,12 @@ fn copy(
                     moved += n;
                     progress = true;
                     bulk |= n == buf.capacity();
+                    if let Some(tap) = tap.as_deref_mut() {
+                        // Keep a copy of the start-up, within limits.
+                        if tap.len() <= MAX_STARTUP_BYTES {
+                            tap.extend_from_slice(&buf.filled()[buf.len() - n..]);
+                        }
+                    }
                     // A short read drained the socket (module docs), unless
                     // an end of stream is pending behind the data.
                     if n < room && !src.hup {
@@ -496,4 +648,146 @@ fn pass_fin(src: &Endpoint, dst: &mut Endpoint, slot: &Slot) {
         // write on it reports that properly.
         let _ = dst.sock.shutdown(Shutdown::Write);
     }
+}
+
+/// Where the server's first answer stands.
+enum FirstAnswer {
+    /// Not all there yet; nothing relayed.
+    Pending,
+    /// Understood, and not a refusal: relay it and stop examining.
+    Understood,
+    /// SQLSTATE 57P03: retry elsewhere or later.
+    Refused(String),
+}
+
+/// Reads and classifies the server's first bytes (see `pgwire`), relaying
+/// `N` answers to encryption requests and swallowing repeated ones after a
+/// retry. Errors are `Client` for the backend and `Backend` for the client
+/// side, as `transfer` reports a backend-to-client direction.
+fn first_answer(
+    st: &mut Startup,
+    backend: &mut Endpoint,
+    client: &mut Endpoint,
+    to_backend: &mut Slot,
+    pool: &mut Pool,
+) -> Result<FirstAnswer, TransferError> {
+    let cap = pool.buffer_size().min(pgwire::MAX_ANSWER_BYTES);
+    loop {
+        if !st.reply.is_empty() {
+            if st.swallow > 0 {
+                if st.reply[0] != b'N' {
+                    let e = io::Error::other(
+                        "the new server answered the encryption request differently",
+                    );
+                    return Err(src_err(e));
+                }
+                st.reply.remove(0);
+                st.swallow -= 1;
+                // Answered: the next request, or the rest of the start-up.
+                let end = if st.swallow > 0 {
+                    st.replayed + ENCRYPTION_REQUEST_BYTES
+                } else {
+                    st.sent.len()
+                };
+                let next = st.sent.get(st.replayed..end).unwrap_or_default();
+                send_now_or_queue(backend, to_backend, pool, next).map_err(src_err)?;
+                st.replayed = end;
+                continue;
+            }
+            let asked = pgwire::client_start(&st.sent).map_or(0, |c| c.encryption_requests);
+            match pgwire::server_answer(&st.reply, st.answered < asked) {
+                Answer::Incomplete => {}
+                Answer::Other => return Ok(FirstAnswer::Understood),
+                Answer::GoingAway { message } => return Ok(FirstAnswer::Refused(message)),
+                Answer::NoEncryption => match client.sock.write(b"N") {
+                    Ok(1) => {
+                        st.reply.remove(0);
+                        st.answered += 1;
+                        continue;
+                    }
+                    // Could not hand it over at once: relay it the usual way.
+                    Ok(_) => return Ok(FirstAnswer::Understood),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(FirstAnswer::Understood)
+                    }
+                    Err(e) => return Err(dst_err(e)),
+                },
+            }
+        }
+        if !backend.readable || backend.read_eof {
+            return Ok(FirstAnswer::Pending);
+        }
+        if st.reply.len() >= cap {
+            return Ok(FirstAnswer::Understood);
+        }
+        let mut chunk = [0u8; pgwire::MAX_ANSWER_BYTES];
+        let want = cap - st.reply.len();
+        match backend.sock.read(&mut chunk[..want]) {
+            // Closed before answering at all: a server going away (a
+            // backend killed by a shutdown says nothing).
+            Ok(0) if st.reply.is_empty() => {
+                return Ok(FirstAnswer::Refused(
+                    "closed the connection during the start-up".into(),
+                ))
+            }
+            Ok(0) => {
+                backend.read_eof = true;
+                return Ok(FirstAnswer::Understood);
+            }
+            Ok(n) => st.reply.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => backend.readable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(src_err(e)),
+        }
+    }
+}
+
+/// Stops examining the start-up: whatever the server said so far goes to
+/// the client first.
+fn disengage(st: &Startup, to_client: &mut Slot, pool: &mut Pool) {
+    if st.reply.is_empty() {
+        return;
+    }
+    debug_assert!(
+        to_client.is_empty(),
+        "nothing is relayed while the start-up is examined"
+    );
+    let mut buf = pool.take();
+    let _ = buf.read_from(&mut st.reply.as_slice());
+    *to_client = Slot::Buf(buf);
+}
+
+/// Writes `bytes` to the backend at once, or queues what did not fit behind
+/// whatever `to_backend` holds (the up direction flushes it on the next
+/// writable event).
+fn send_now_or_queue(
+    backend: &mut Endpoint,
+    to_backend: &mut Slot,
+    pool: &mut Pool,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let mut sent = 0;
+    if to_backend.is_empty() && backend.writable {
+        match backend.sock.write(bytes) {
+            Ok(n) => {
+                sent = n;
+                // A short write: a new edge comes when there is room.
+                if n < bytes.len() {
+                    backend.writable = false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => backend.writable = false,
+            Err(e) => return Err(e),
+        }
+    }
+    if sent < bytes.len() {
+        if matches!(to_backend, Slot::Empty) {
+            *to_backend = Slot::Buf(pool.take());
+        }
+        let Slot::Buf(buf) = to_backend else {
+            return Err(io::Error::other("start-up replay behind a pipe"));
+        };
+        buf.read_from(&mut &bytes[sent..])?;
+    }
+    Ok(())
 }

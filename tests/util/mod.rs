@@ -623,3 +623,194 @@ pub fn one_leader(extra: &str) -> (Backend, MockPatroni, String, u16) {
     );
     (n1, api, cfg, rw)
 }
+
+// ---- a PostgreSQL-like backend ---------------------------------------------
+
+/// A backend speaking the start of the PostgreSQL protocol: it answers an
+/// SSLRequest with `N`, refuses the next `refuse` start-ups with SQLSTATE
+/// 57P03 ("the database system is shutting down") and closes; after that it
+/// accepts (AuthenticationOk, ParameterStatus `server_name` = its name,
+/// ReadyForQuery) and echoes.
+pub struct PgBackend {
+    pub addr: SocketAddr,
+    pub refused: Arc<AtomicUsize>,
+    /// Start-ups received and left unanswered while silent.
+    pub held: Arc<AtomicUsize>,
+    refuse_left: Arc<AtomicUsize>,
+    silent: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl PgBackend {
+    pub fn start(name: &str, refuse: usize) -> PgBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let b = PgBackend {
+            addr,
+            refused: Arc::new(AtomicUsize::new(0)),
+            held: Arc::new(AtomicUsize::new(0)),
+            refuse_left: Arc::new(AtomicUsize::new(refuse)),
+            silent: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let name = name.to_string();
+        let (refused, held, left, silent, stop) = (
+            b.refused.clone(),
+            b.held.clone(),
+            b.refuse_left.clone(),
+            b.silent.clone(),
+            b.stop.clone(),
+        );
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let (n, r, h, l, q) = (
+                    name.clone(),
+                    refused.clone(),
+                    held.clone(),
+                    left.clone(),
+                    silent.clone(),
+                );
+                thread::spawn(move || pg_backend_session(conn, &n, &r, &h, &l, &q));
+            }
+        });
+        b
+    }
+
+    pub fn set_refuse(&self, n: usize) {
+        self.refuse_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Receive start-ups but never answer them (a server stuck mid-login).
+    pub fn set_silent(&self, on: bool) {
+        self.silent.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn read_u32(c: &mut TcpStream) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn pg_backend_session(
+    mut c: TcpStream,
+    name: &str,
+    refused: &AtomicUsize,
+    held: &AtomicUsize,
+    left: &AtomicUsize,
+    silent: &AtomicBool,
+) -> Option<()> {
+    c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let (mut len, mut code) = (read_u32(&mut c).ok()?, read_u32(&mut c).ok()?);
+    if len == 8 && code == 80_877_103 {
+        // As PostgreSQL (CVE-2021-23214): nothing may follow an SSLRequest
+        // before its answer.
+        c.set_nonblocking(true).ok()?;
+        let early = c.peek(&mut [0u8; 1]).is_ok();
+        c.set_nonblocking(false).ok()?;
+        if early {
+            let body = b"SFATAL\0C08P01\0Mreceived unencrypted data after SSL request\0\0";
+            c.write_all(&pg_message(b'E', body)).ok()?;
+            return None;
+        }
+        c.write_all(b"N").ok()?;
+        len = read_u32(&mut c).ok()?;
+        code = read_u32(&mut c).ok()?;
+    }
+    assert_eq!(code, 196_608, "protocol 3.0 startup");
+    let mut rest = vec![0u8; len as usize - 8];
+    c.read_exact(&mut rest).ok()?;
+    if silent.load(Ordering::SeqCst) {
+        held.fetch_add(1, Ordering::SeqCst);
+        let mut sink = [0u8; 64];
+        while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
+        return None;
+    }
+    if left
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        refused.fetch_add(1, Ordering::SeqCst);
+        c.write_all(&pg_message(
+            b'E',
+            b"SFATAL\0C57P03\0Mthe database system is shutting down\0\0",
+        ))
+        .ok()?;
+        return None;
+    }
+    c.write_all(&pg_message(b'R', &0u32.to_be_bytes())).ok()?;
+    c.write_all(&pg_message(
+        b'S',
+        format!("server_name\0{name}\0").as_bytes(),
+    ))
+    .ok()?;
+    c.write_all(&pg_message(b'Z', b"I")).ok()?;
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => c.write_all(&buf[..k]).ok()?,
+        }
+    }
+}
+
+pub fn pg_message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// A client's start-up through `addr`: an SSLRequest first when `ssl`, then
+/// the startup packet. Returns the `N` answers seen and the `server_name` the
+/// backend announced, or the server's error message.
+pub fn pg_start(addr: SocketAddr, ssl: bool) -> Result<(usize, String), String> {
+    let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut ns = 0;
+    if ssl {
+        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)
+            .map_err(|e| format!("no answer to SSLRequest: {e}"))?;
+        assert_eq!(b[0], b'N');
+        ns += 1;
+    }
+    let body = b"\x00\x03\x00\x00user\x00postgres\x00database\x00postgres\x00\x00";
+    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    startup.extend_from_slice(body);
+    c.write_all(&startup).unwrap();
+    let mut name = String::new();
+    loop {
+        let mut tag = [0u8; 1];
+        c.read_exact(&mut tag)
+            .map_err(|e| format!("connection lost: {e}"))?;
+        let len = read_u32(&mut c).map_err(|e| e.to_string())? as usize;
+        let mut body = vec![0u8; len - 4];
+        c.read_exact(&mut body).map_err(|e| e.to_string())?;
+        match tag[0] {
+            b'R' | b'K' => {}
+            b'S' => {
+                name = String::from_utf8_lossy(&body)
+                    .split('\0')
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string()
+            }
+            b'Z' => return Ok((ns, name)),
+            b'E' => return Err(String::from_utf8_lossy(&body).into_owned()),
+            other => return Err(format!("unexpected message {:?}", other as char)),
+        }
+    }
+}
