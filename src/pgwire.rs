@@ -4,7 +4,8 @@
 //! switchover.
 //!
 //! PURE: byte slices in, answers out. The proxy stays a byte relay; these
-//! two questions are asked only until the server's first real answer:
+//! two questions are asked only until the login completes or needs the
+//! client:
 //! - how many SSLRequest/GSSENCRequest packets did the client send (each
 //!   gets a single-byte answer, `N` when refused, before the startup)?
 //! - what is the server's first answer: a single `N`, the start of TLS/GSS
@@ -68,40 +69,70 @@ pub enum Answer {
     GoingAway { message: String },
 }
 
-/// Classifies the first bytes of `reply`. `expect_single` is true while the
-/// client has encryption requests without an answer yet.
+/// Classifies what the server said so far. `expect_single` is true while
+/// the client has encryption requests without an answer yet.
+///
+/// A login that needs nothing from the client (trust, peer, certificate)
+/// runs from AuthenticationOk through ParameterStatus and BackendKeyData to
+/// ReadyForQuery; all of it is examined, so that a server killed in the
+/// middle of it (57P01 during a shutdown) can still be replaced. An
+/// authentication request that the client must answer, ReadyForQuery, or
+/// anything else ends the examination (`Other`).
 pub fn server_answer(reply: &[u8], expect_single: bool) -> Answer {
-    let Some(&tag) = reply.first() else {
+    let Some(&first) = reply.first() else {
         return Answer::Incomplete;
     };
-    match tag {
-        b'N' if expect_single => Answer::NoEncryption,
-        b'E' if !expect_single => {
-            if reply.len() < 5 {
-                return Answer::Incomplete;
-            }
-            let len = u32::from_be_bytes([reply[1], reply[2], reply[3], reply[4]]) as usize;
-            if !(4..MAX_ANSWER_BYTES).contains(&len) {
-                return Answer::Other;
-            }
-            if reply.len() < 1 + len {
-                return Answer::Incomplete;
-            }
-            let (mut code, mut message) = ("", String::new());
-            for field in reply[5..1 + len].split(|b| *b == 0) {
-                match field.split_first() {
-                    Some((b'C', v)) => code = std::str::from_utf8(v).unwrap_or(""),
-                    Some((b'M', v)) => message = String::from_utf8_lossy(v).into_owned(),
-                    _ => {}
-                }
-            }
-            if matches!(code, "57P01" | "57P02" | "57P03") {
-                Answer::GoingAway { message }
-            } else {
-                Answer::Other
-            }
+    if expect_single {
+        return if first == b'N' {
+            Answer::NoEncryption
+        } else {
+            Answer::Other
+        };
+    }
+    let mut at = 0;
+    loop {
+        let Some(&tag) = reply.get(at) else {
+            return Answer::Incomplete;
+        };
+        if reply.len() < at + 5 {
+            return Answer::Incomplete;
         }
-        _ => Answer::Other,
+        let len = u32::from_be_bytes([reply[at + 1], reply[at + 2], reply[at + 3], reply[at + 4]])
+            as usize;
+        if !(4..MAX_ANSWER_BYTES).contains(&len) {
+            return Answer::Other;
+        }
+        let end = at + 1 + len;
+        if reply.len() < end {
+            return Answer::Incomplete;
+        }
+        let body = &reply[at + 5..end];
+        match tag {
+            // AuthenticationOk: the login goes on without the client.
+            b'R' if body.len() >= 4 && body[..4] == [0, 0, 0, 0] => {}
+            // ParameterStatus, BackendKeyData, NoticeResponse,
+            // NegotiateProtocolVersion.
+            b'S' | b'K' | b'N' | b'v' => {}
+            b'E' => return error_answer(body),
+            _ => return Answer::Other,
+        }
+        at = end;
+    }
+}
+
+fn error_answer(body: &[u8]) -> Answer {
+    let (mut code, mut message) = ("", String::new());
+    for field in body.split(|b| *b == 0) {
+        match field.split_first() {
+            Some((b'C', v)) => code = std::str::from_utf8(v).unwrap_or(""),
+            Some((b'M', v)) => message = String::from_utf8_lossy(v).into_owned(),
+            _ => {}
+        }
+    }
+    if matches!(code, "57P01" | "57P02" | "57P03") {
+        Answer::GoingAway { message }
+    } else {
+        Answer::Other
     }
 }
 
@@ -201,10 +232,6 @@ pub(crate) mod tests {
         assert_eq!(server_answer(b"N", true), Answer::NoEncryption);
         assert_eq!(server_answer(b"S", true), Answer::Other, "TLS begins");
         assert_eq!(
-            server_answer(b"R\x00\x00\x00\x08\x00\x00\x00\x00", false),
-            Answer::Other
-        );
-        assert_eq!(
             server_answer(b"node1\n", false),
             Answer::Other,
             "not PostgreSQL"
@@ -214,6 +241,48 @@ pub(crate) mod tests {
             server_answer(b"E\x7f\xff\xff\xff", false),
             Answer::Other,
             "absurd length"
+        );
+    }
+
+    #[test]
+    fn a_login_without_client_interaction_is_examined_to_ready_for_query() {
+        let ok = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+        let param = |k: &str, v: &str| {
+            let body = format!("{k}\0{v}\0");
+            let mut m = vec![b'S'];
+            m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+            m.extend_from_slice(body.as_bytes());
+            m
+        };
+        let ready = [b'Z', 0, 0, 0, 5, b'I'];
+        assert_eq!(
+            server_answer(&ok, false),
+            Answer::Incomplete,
+            "AuthenticationOk: more to come"
+        );
+        let mut login = ok.to_vec();
+        login.extend(param("server_version", "15.18"));
+        assert_eq!(server_answer(&login, false), Answer::Incomplete);
+        let mut killed = login.clone();
+        killed.extend(error_response(
+            "57P01",
+            "terminating connection due to administrator command",
+        ));
+        assert!(
+            matches!(server_answer(&killed, false), Answer::GoingAway { .. }),
+            "killed mid-login"
+        );
+        login.extend(ready);
+        assert_eq!(
+            server_answer(&login, false),
+            Answer::Other,
+            "ReadyForQuery ends it"
+        );
+        let md5 = [b'R', 0, 0, 0, 12, 0, 0, 0, 5, 1, 2, 3, 4];
+        assert_eq!(
+            server_answer(&md5, false),
+            Answer::Other,
+            "a password request needs the client"
         );
     }
 }

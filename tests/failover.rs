@@ -474,3 +474,21 @@ fn a_start_up_on_a_demoted_leader_is_replayed_on_the_new_one() {
     );
     assert!(p.log().contains("member no longer routable"));
 }
+
+#[test]
+fn a_login_cut_by_a_reset_is_replayed() {
+    // A backend killed mid-login by a shutdown: AuthenticationOk, then RST.
+    let pg = PgBackend::start("node1", 0);
+    pg.set_reset(1);
+    let (_api, p, rw) = pg_rig(&[("node1", "leader", pg.addr)], "");
+    assert_eq!(
+        pg_start(rw, true),
+        Ok((1, "node1".to_string())),
+        "the client saw one clean login"
+    );
+    assert!(
+        p.log().contains("backend error during the start-up"),
+        "{}",
+        p.log()
+    );
+}

@@ -787,11 +787,13 @@ fn i_pgbench_new_connections_across_a_switchover() {
     thread::sleep(Duration::from_secs(4));
     done.store(true, Ordering::SeqCst);
     let n = bench.join().unwrap();
+    let replayed = rig.proxy.log().matches("refused the start-up").count();
     report(
         "pgbench -S -C across a switchover",
         format!(
             "{} transactions; {} new connections refused by the old leader while it shut down, \
-             {} transactions cut on it; {} connections failed otherwise",
+             {} transactions cut on it; {} connections failed otherwise; \
+             {replayed} start-ups replayed by the proxy",
             n.tx, n.refused_by_demoted, n.cut, n.failed_otherwise
         ),
     );

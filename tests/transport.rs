@@ -187,7 +187,7 @@ fn connect_timeout_moves_on_to_the_next_member() {
 }
 
 #[test]
-fn refused_connect_moves_on_and_all_failing_closes_the_client() {
+fn refused_connect_moves_on_and_when_all_fail_the_client_is_held() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -197,12 +197,58 @@ fn refused_connect_moves_on_and_all_failing_closes_the_client() {
     for _ in 0..3 {
         assert_eq!(whoami(port), "node2");
     }
+    // Only the dead member is left (the old leader whose port refuses
+    // before Patroni shows the new one): the client is held, retried, and
+    // connected as soon as a reachable member shows.
     api.set(&cluster(vec![member(
         "node1", "leader", "running", dead, None,
     )]));
     assert_eq!(p.update(), 200);
-    assert!(Client::connect(port).is_closed());
+    let mut c = Client::connect(port);
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(600)))
+        .unwrap();
+    assert!(c.line().is_none(), "held while every member refuses");
+    api.set(&cluster(vec![
+        member("node1", "replica", "stopped", dead, None),
+        member("node2", "leader", "running", good.addr, None),
+    ]));
+    assert_eq!(p.update(), 200);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(c.greeting(), "node2");
+}
+
+#[test]
+fn when_all_members_keep_failing_the_client_is_closed_after_the_wait() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap(); // closed again
+    let api = MockPatroni::start(&cluster(vec![member(
+        "node1", "leader", "running", dead, None,
+    )]));
+    let port = free_port();
+    let ports =
+        format!("rw: {{listen: \"127.0.0.1:{port}\", roles: [leader], backend_wait_timeout: 0.7}}");
+    let p = Proxy::start(&config(free_port(), &[api.url()], &ports, ""));
+    p.wait_backends("main", "rw", &["node1"]);
+    let start = Instant::now();
+    assert!(Client::connect(local(port)).is_closed());
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
     assert!(p.log().contains("every routable member failed to connect"));
+    // One warning for the session's first failure; the retries log at debug.
+    let warns = p
+        .log()
+        .lines()
+        .filter(|l| l.contains("[WARN]") && l.contains("connect failed"))
+        .count();
+    assert_eq!(warns, 1, "{}", p.log());
 }
 
 #[test]

@@ -75,6 +75,9 @@ const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 const STALE_REMINDER: Duration = Duration::from_secs(60);
 /// How long a client waits before its refused start-up is retried.
 const STARTUP_RETRY: Duration = Duration::from_millis(250);
+/// How long a client waits before connecting again when every routable
+/// member failed to connect.
+const CONNECT_RETRY: Duration = Duration::from_millis(250);
 
 /// What the loop knows of one cluster.
 struct ClusterState {
@@ -345,6 +348,12 @@ impl Proxy {
             }
             Pumped::Finished => self.close_session(key, "finished", Level::Debug),
             Pumped::Refused(why) => self.retry_refused(key, &why, STARTUP_RETRY, false),
+            // The backend failed while the start-up was still held back:
+            // the client has seen nothing of it, so try another connect.
+            Pumped::Failed(Side::Backend, e) if s.startup.is_some() => {
+                let why = format!("backend error during the start-up: {e}");
+                self.retry_refused(key, &why, STARTUP_RETRY, false);
+            }
             Pumped::Failed(side, e) => {
                 let level = match e.kind() {
                     io::ErrorKind::ConnectionReset
@@ -481,9 +490,19 @@ impl Proxy {
                     }
                 }
                 Err(e) => {
-                    warn!(
+                    // Only a session's first failure warns: retries repeat it.
+                    let level = if s.waiting_since.is_some() {
+                        Level::Debug
+                    } else {
+                        Level::Warn
+                    };
+                    log!(
+                        level,
                         "session={} port={} member={} addr={} connect failed: {e}",
-                        s.id, l.label, target.0, target.1
+                        s.id,
+                        l.label,
+                        target.0,
+                        target.1
                     );
                     l.release(&target);
                     s.tried.push(target.1);
@@ -491,7 +510,31 @@ impl Proxy {
             }
         }
         if !s.tried.is_empty() {
-            return self.close_session(key, "every routable member failed to connect", Level::Info);
+            // Every routable member refused or timed out. During a failover
+            // the old leader's port refuses before Patroni shows the new
+            // leader, so hold the client and try again shortly, within
+            // backend_wait_timeout (PgBouncer's server_login_retry).
+            let since = *s.waiting_since.get_or_insert(now);
+            let retry_at = now + CONNECT_RETRY;
+            if retry_at > since + l.wait {
+                return self.close_session(
+                    key,
+                    "every routable member failed to connect",
+                    Level::Info,
+                );
+            }
+            debug!(
+                "session={} port={} every routable member failed; retrying in {} ms",
+                s.id,
+                l.label,
+                CONNECT_RETRY.as_millis()
+            );
+            s.tried.clear();
+            s.phase = Phase::Waiting;
+            s.retry_pending = true;
+            s.deadline = Some(retry_at);
+            timers.add(retry_at, Timer::Session(key, s.id));
+            return;
         }
         if l.wait.is_zero() {
             return self.close_session(key, "no routable member", Level::Info);
@@ -568,7 +611,13 @@ impl Proxy {
         s.drop_backend(self.poll.registry());
         if let Some(t) = s.target.take() {
             let l = self.listeners.get_mut(s.listener);
-            warn!(
+            let level = if s.waiting_since.is_some() {
+                Level::Debug
+            } else {
+                Level::Warn
+            };
+            log!(
+                level,
                 "session={} port={} member={} addr={} connect failed: {why}; trying the next member",
                 s.id,
                 l.as_ref().map_or("?", |l| l.label.as_str()),

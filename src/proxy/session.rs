@@ -29,8 +29,9 @@
 //! drained; otherwise the pipe is marked full and reading resumes after the
 //! next write, without losing the socket's edge.
 //!
-//! Start-up: until the server's first real answer, the session keeps a copy
-//! of what the client sent and holds the server's bytes back. If the server
+//! Start-up: until the login completes (ReadyForQuery) or needs the client
+//! (a password request), the session keeps a copy of what the client sent
+//! and holds the server's bytes back. If the server
 //! refuses the start-up with SQLSTATE 57P03 (shutting down, starting up),
 //! the loop drops that backend and retries, replaying the client's bytes and
 //! swallowing the repeated `N` answer to an SSLRequest, so the client never
@@ -279,7 +280,8 @@ impl Session {
                     disengage(&st, &mut self.to_client, pool);
                 }
                 Ok(FirstAnswer::Refused(why)) => return Pumped::Refused(why),
-                Err(e) => return Pumped::Failed(e.side, e.error),
+                // first_answer reads the backend as its source: flip sides.
+                Err(e) => return Pumped::Failed(e.side.flip(), e.error),
             }
         }
         let Some(backend) = self.backend.as_mut() else {
@@ -370,6 +372,13 @@ impl Session {
         } else {
             st.sent.len()
         };
+        log::debug!(
+            "session={} replay prepared: sent={} answered={} first segment={}",
+            self.id,
+            st.sent.len(),
+            st.answered,
+            st.replayed
+        );
         let mut buf = pool.take();
         if buf.read_from(&mut &st.sent[..st.replayed]).is_err() {
             pool.give(buf);
@@ -690,6 +699,7 @@ fn first_answer(
                     st.sent.len()
                 };
                 let next = st.sent.get(st.replayed..end).unwrap_or_default();
+                log::debug!("replay: N swallowed, sending {} more bytes", next.len());
                 send_now_or_queue(backend, to_backend, pool, next).map_err(src_err)?;
                 st.replayed = end;
                 continue;

@@ -637,6 +637,8 @@ pub struct PgBackend {
     /// Start-ups received and left unanswered while silent.
     pub held: Arc<AtomicUsize>,
     refuse_left: Arc<AtomicUsize>,
+    /// Logins to cut with a reset right after AuthenticationOk.
+    reset_left: Arc<AtomicUsize>,
     silent: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
@@ -650,14 +652,16 @@ impl PgBackend {
             refused: Arc::new(AtomicUsize::new(0)),
             held: Arc::new(AtomicUsize::new(0)),
             refuse_left: Arc::new(AtomicUsize::new(refuse)),
+            reset_left: Arc::new(AtomicUsize::new(0)),
             silent: Arc::new(AtomicBool::new(false)),
             stop: Arc::new(AtomicBool::new(false)),
         };
         let name = name.to_string();
-        let (refused, held, left, silent, stop) = (
+        let (refused, held, left, reset, silent, stop) = (
             b.refused.clone(),
             b.held.clone(),
             b.refuse_left.clone(),
+            b.reset_left.clone(),
             b.silent.clone(),
             b.stop.clone(),
         );
@@ -667,14 +671,15 @@ impl PgBackend {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
-                let (n, r, h, l, q) = (
-                    name.clone(),
-                    refused.clone(),
-                    held.clone(),
-                    left.clone(),
-                    silent.clone(),
-                );
-                thread::spawn(move || pg_backend_session(conn, &n, &r, &h, &l, &q));
+                let counters = PgCounters {
+                    refused: refused.clone(),
+                    held: held.clone(),
+                    refuse_left: left.clone(),
+                    reset_left: reset.clone(),
+                    silent: silent.clone(),
+                };
+                let n = name.clone();
+                thread::spawn(move || pg_backend_session(conn, &n, &counters));
             }
         });
         b
@@ -682,6 +687,12 @@ impl PgBackend {
 
     pub fn set_refuse(&self, n: usize) {
         self.refuse_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Cut the next `n` logins with a reset right after AuthenticationOk
+    /// (a backend killed mid-login by a shutdown).
+    pub fn set_reset(&self, n: usize) {
+        self.reset_left.store(n, Ordering::SeqCst);
     }
 
     /// Receive start-ups but never answer them (a server stuck mid-login).
@@ -703,14 +714,20 @@ fn read_u32(c: &mut TcpStream) -> std::io::Result<u32> {
     Ok(u32::from_be_bytes(b))
 }
 
-fn pg_backend_session(
-    mut c: TcpStream,
-    name: &str,
-    refused: &AtomicUsize,
-    held: &AtomicUsize,
-    left: &AtomicUsize,
-    silent: &AtomicBool,
-) -> Option<()> {
+struct PgCounters {
+    refused: Arc<AtomicUsize>,
+    held: Arc<AtomicUsize>,
+    refuse_left: Arc<AtomicUsize>,
+    reset_left: Arc<AtomicUsize>,
+    silent: Arc<AtomicBool>,
+}
+
+fn take_one(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
+}
+
+fn pg_backend_session(mut c: TcpStream, name: &str, k: &PgCounters) -> Option<()> {
     c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let (mut len, mut code) = (read_u32(&mut c).ok()?, read_u32(&mut c).ok()?);
     if len == 8 && code == 80_877_103 {
@@ -731,23 +748,38 @@ fn pg_backend_session(
     assert_eq!(code, 196_608, "protocol 3.0 startup");
     let mut rest = vec![0u8; len as usize - 8];
     c.read_exact(&mut rest).ok()?;
-    if silent.load(Ordering::SeqCst) {
-        held.fetch_add(1, Ordering::SeqCst);
+    if k.silent.load(Ordering::SeqCst) {
+        k.held.fetch_add(1, Ordering::SeqCst);
         let mut sink = [0u8; 64];
         while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
         return None;
     }
-    if left
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok()
-    {
-        refused.fetch_add(1, Ordering::SeqCst);
+    if take_one(&k.refuse_left) {
+        k.refused.fetch_add(1, Ordering::SeqCst);
         c.write_all(&pg_message(
             b'E',
             b"SFATAL\0C57P03\0Mthe database system is shutting down\0\0",
         ))
         .ok()?;
         return None;
+    }
+    if take_one(&k.reset_left) {
+        c.write_all(&pg_message(b'R', &0u32.to_be_bytes())).ok()?;
+        let lin = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: `lin` is a valid linger struct read by the call; the fd is live.
+        unsafe {
+            libc::setsockopt(
+                c.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &lin as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        return None; // dropped with linger 0: a reset
     }
     c.write_all(&pg_message(b'R', &0u32.to_be_bytes())).ok()?;
     c.write_all(&pg_message(
