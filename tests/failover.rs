@@ -492,3 +492,22 @@ fn a_login_cut_by_a_reset_is_replayed() {
         p.log()
     );
 }
+
+#[test]
+fn a_startup_sent_while_a_replay_waits_is_not_sent_early() {
+    // The server answers the SSLRequest and closes before the startup
+    // packet; the client's startup arrives while the replay waits, and must
+    // reach the next server only after its N (the mock rejects early data,
+    // as PostgreSQL does).
+    let pg = PgBackend::start("node1", 0);
+    pg.set_close_after_n(1);
+    let (_api, p, rw) = pg_rig(&[("node1", "leader", pg.addr)], "");
+    assert_eq!(
+        pg_start(rw, true),
+        Ok((1, "node1".to_string())),
+        "{}",
+        p.log()
+    );
+    let early = pg.early.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(early, 0, "nothing may be sent behind an SSLRequest");
+}

@@ -238,8 +238,15 @@ impl Session {
     /// Moves bytes both ways, up to `budget` bytes per direction.
     pub fn pump(&mut self, pool: &mut Pool, budget: usize) -> Pumped {
         let connected = self.phase == Phase::Streaming;
+        // While a replay waits for the new backend's `N`, the client's bytes
+        // stay in its socket (still marked readable): queued behind the
+        // replayed SSLRequest they would reach the server too early.
+        let paused = self.replaying();
         let tap = self.startup.as_deref_mut().map(|st| &mut st.sent);
         let Some(backend) = self.backend.as_mut().filter(|_| connected) else {
+            if paused {
+                return Pumped::Idle;
+            }
             // Waiting or connecting: only collect what the client sends.
             let r = transfer(
                 &mut self.client,
@@ -258,17 +265,20 @@ impl Session {
                 Err(e) => Pumped::Failed(Side::Client, e.error),
             };
         };
-        let up = match transfer(
-            &mut self.client,
-            Some(backend),
-            &mut self.to_backend,
-            pool,
-            budget,
-            tap,
-        ) {
-            Ok(r) => r,
-            Err(e) => return Pumped::Failed(e.side, e.error),
-        };
+        let mut up = (0, false);
+        if !paused {
+            up = match transfer(
+                &mut self.client,
+                Some(backend),
+                &mut self.to_backend,
+                pool,
+                budget,
+                tap,
+            ) {
+                Ok(r) => r,
+                Err(e) => return Pumped::Failed(e.side, e.error),
+            };
+        }
         // During the start-up the server's first answer is examined before
         // anything of it reaches the client.
         let mut examining = false;
@@ -287,18 +297,29 @@ impl Session {
         let Some(backend) = self.backend.as_mut() else {
             return Pumped::Idle;
         };
-        // A replay may have queued the rest of the start-up: send it now.
-        if !self.to_backend.is_empty() && backend.writable {
-            let up = transfer(
+        // A replay may have queued the rest of the start-up, or just ended:
+        // send what is queued, and what the client sent meanwhile, now.
+        let still = self.startup.as_ref().is_some_and(|st| st.swallow > 0);
+        let resumed = paused && !still;
+        if (!self.to_backend.is_empty() && backend.writable) || resumed {
+            // Still waiting for the N: flush only, the client's bytes wait.
+            let readable = self.client.readable;
+            self.client.readable &= !still;
+            let tap = self.startup.as_deref_mut().map(|st| &mut st.sent);
+            let more = transfer(
                 &mut self.client,
                 Some(&mut *backend),
                 &mut self.to_backend,
                 pool,
                 budget,
-                None,
+                tap,
             );
-            if let Err(e) = up {
-                return Pumped::Failed(e.side, e.error);
+            if still {
+                self.client.readable = readable;
+            }
+            match more {
+                Ok(r) => up = (up.0 + r.0, up.1 || r.1),
+                Err(e) => return Pumped::Failed(e.side, e.error),
             }
         }
         let down = if examining {
@@ -328,6 +349,11 @@ impl Session {
             (true, false) | (false, true) => Pumped::HalfClosed,
             (false, false) => Pumped::Idle,
         }
+    }
+
+    /// A replayed start-up waits for the new backend's `N`.
+    fn replaying(&self) -> bool {
+        self.startup.as_ref().is_some_and(|st| st.swallow > 0)
     }
 
     /// Stops watching the start-up when the client's bytes are not a

@@ -636,9 +636,13 @@ pub struct PgBackend {
     pub refused: Arc<AtomicUsize>,
     /// Start-ups received and left unanswered while silent.
     pub held: Arc<AtomicUsize>,
+    /// Connections rejected for data sent behind an SSLRequest.
+    pub early: Arc<AtomicUsize>,
     refuse_left: Arc<AtomicUsize>,
     /// Logins to cut with a reset right after AuthenticationOk.
     reset_left: Arc<AtomicUsize>,
+    /// Connections to close right after answering the SSLRequest.
+    close_after_n_left: Arc<AtomicUsize>,
     silent: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
@@ -651,8 +655,10 @@ impl PgBackend {
             addr,
             refused: Arc::new(AtomicUsize::new(0)),
             held: Arc::new(AtomicUsize::new(0)),
+            early: Arc::new(AtomicUsize::new(0)),
             refuse_left: Arc::new(AtomicUsize::new(refuse)),
             reset_left: Arc::new(AtomicUsize::new(0)),
+            close_after_n_left: Arc::new(AtomicUsize::new(0)),
             silent: Arc::new(AtomicBool::new(false)),
             stop: Arc::new(AtomicBool::new(false)),
         };
@@ -665,6 +671,8 @@ impl PgBackend {
             b.silent.clone(),
             b.stop.clone(),
         );
+        let close_after_n = b.close_after_n_left.clone();
+        let early = b.early.clone();
         thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop.load(Ordering::SeqCst) {
@@ -676,6 +684,8 @@ impl PgBackend {
                     held: held.clone(),
                     refuse_left: left.clone(),
                     reset_left: reset.clone(),
+                    close_after_n_left: close_after_n.clone(),
+                    early: early.clone(),
                     silent: silent.clone(),
                 };
                 let n = name.clone();
@@ -693,6 +703,11 @@ impl PgBackend {
     /// (a backend killed mid-login by a shutdown).
     pub fn set_reset(&self, n: usize) {
         self.reset_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Close the next `n` connections right after answering the SSLRequest.
+    pub fn set_close_after_n(&self, n: usize) {
+        self.close_after_n_left.store(n, Ordering::SeqCst);
     }
 
     /// Receive start-ups but never answer them (a server stuck mid-login).
@@ -719,6 +734,8 @@ struct PgCounters {
     held: Arc<AtomicUsize>,
     refuse_left: Arc<AtomicUsize>,
     reset_left: Arc<AtomicUsize>,
+    close_after_n_left: Arc<AtomicUsize>,
+    early: Arc<AtomicUsize>,
     silent: Arc<AtomicBool>,
 }
 
@@ -737,11 +754,15 @@ fn pg_backend_session(mut c: TcpStream, name: &str, k: &PgCounters) -> Option<()
         let early = c.peek(&mut [0u8; 1]).is_ok();
         c.set_nonblocking(false).ok()?;
         if early {
+            k.early.fetch_add(1, Ordering::SeqCst);
             let body = b"SFATAL\0C08P01\0Mreceived unencrypted data after SSL request\0\0";
             c.write_all(&pg_message(b'E', body)).ok()?;
             return None;
         }
         c.write_all(b"N").ok()?;
+        if take_one(&k.close_after_n_left) {
+            return None;
+        }
         len = read_u32(&mut c).ok()?;
         code = read_u32(&mut c).ok()?;
     }
