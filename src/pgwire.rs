@@ -26,13 +26,19 @@ pub const MAX_ANSWER_BYTES: usize = 4096;
 pub struct ClientStart {
     /// SSL/GSS encryption requests sent before the startup packet.
     pub encryption_requests: usize,
+    /// Complete packets seen (encryption requests and the startup packet).
+    /// A PostgreSQL server says nothing before the first one.
+    pub packets: usize,
 }
 
 /// Reads the client's start-up packets; `None` when the bytes do not look
 /// like a PostgreSQL client (then nothing is retried).
 pub fn client_start(sent: &[u8]) -> Option<ClientStart> {
     let mut at = 0;
-    let mut encryption_requests = 0;
+    let mut start = ClientStart {
+        encryption_requests: 0,
+        packets: 0,
+    };
     while sent.len() >= at + 8 {
         let len = u32::from_be_bytes(sent[at..at + 4].try_into().ok()?) as usize;
         let code = u32::from_be_bytes(sent[at + 4..at + 8].try_into().ok()?);
@@ -40,18 +46,18 @@ pub fn client_start(sent: &[u8]) -> Option<ClientStart> {
             return None;
         }
         if len == 8 && (code == SSL_REQUEST || code == GSSENC_REQUEST) {
-            encryption_requests += 1;
+            start.encryption_requests += 1;
+            start.packets += 1;
             at += 8;
         } else {
             // A StartupMessage (or CancelRequest): nothing more to count.
-            return Some(ClientStart {
-                encryption_requests,
-            });
+            if sent.len() >= at + len {
+                start.packets += 1;
+            }
+            return Some(start);
         }
     }
-    Some(ClientStart {
-        encryption_requests,
-    })
+    Some(start)
 }
 
 /// The server's first answer.
@@ -94,6 +100,9 @@ pub fn server_answer(reply: &[u8], expect_single: bool) -> Answer {
         let Some(&tag) = reply.get(at) else {
             return Answer::Incomplete;
         };
+        if !matches!(tag, b'R' | b'S' | b'K' | b'N' | b'v' | b'E') {
+            return Answer::Other; // ReadyForQuery, or not PostgreSQL
+        }
         if reply.len() < at + 5 {
             return Answer::Incomplete;
         }
@@ -169,32 +178,25 @@ pub(crate) mod tests {
 
     #[test]
     fn counts_encryption_requests_before_the_startup() {
-        assert_eq!(
-            client_start(&[]),
+        let start = |e, p| {
             Some(ClientStart {
-                encryption_requests: 0
+                encryption_requests: e,
+                packets: p,
             })
-        );
+        };
+        assert_eq!(client_start(&[]), start(0, 0));
+        assert_eq!(client_start(&startup_packet()), start(0, 1));
         assert_eq!(
-            client_start(&startup_packet()),
-            Some(ClientStart {
-                encryption_requests: 0
-            })
+            client_start(&startup_packet()[..20]),
+            start(0, 0),
+            "incomplete startup"
         );
         let mut both = ssl_request();
         both.extend(startup_packet());
-        assert_eq!(
-            client_start(&both),
-            Some(ClientStart {
-                encryption_requests: 1
-            })
-        );
-        assert_eq!(
-            client_start(&ssl_request()[..5]),
-            Some(ClientStart {
-                encryption_requests: 0
-            })
-        );
+        assert_eq!(client_start(&both), start(1, 2));
+        assert_eq!(client_start(&ssl_request()), start(1, 1));
+        assert_eq!(client_start(&ssl_request()[..5]), start(0, 0));
+        assert_eq!(client_start(b"x"), start(0, 0), "too short to tell");
         assert_eq!(client_start(b"GET / HTTP/1.1\r\n"), None, "not PostgreSQL");
         assert_eq!(
             client_start(b"\x00\x00\x00\x02\x00\x00\x00\x00"),

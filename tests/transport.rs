@@ -374,3 +374,33 @@ fn accept_pauses_on_emfile_and_resumes_when_descriptors_free() {
         ["sessions"]
         == 0));
 }
+
+#[test]
+fn a_short_exchange_that_is_not_postgresql_passes_at_once() {
+    // The client speaks first with one byte and the server answers one byte:
+    // nothing of the start-up examination may hold it back.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 64];
+                while let Ok(n) = c.read(&mut b) {
+                    if n == 0 || c.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let (_api, _p, port) = any_port(&[("node1", addr)], "");
+    for msg in [&b"x"[..], b"R", b"E\x00", b"\x00\x00\x00\x08"] {
+        let mut c = TcpStream::connect(port).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        c.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        c.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("{msg:?} came back? {e}"));
+        assert_eq!(got, msg);
+    }
+}

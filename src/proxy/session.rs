@@ -730,7 +730,12 @@ fn first_answer(
                 st.replayed = end;
                 continue;
             }
-            let asked = pgwire::client_start(&st.sent).map_or(0, |c| c.encryption_requests);
+            // A PostgreSQL server says nothing before the client's first
+            // complete packet: one that does is something else.
+            let Some(start) = pgwire::client_start(&st.sent).filter(|c| c.packets > 0) else {
+                return Ok(FirstAnswer::Understood);
+            };
+            let asked = start.encryption_requests;
             match pgwire::server_answer(&st.reply, st.answered < asked) {
                 Answer::Incomplete => {}
                 Answer::Other => return Ok(FirstAnswer::Understood),
