@@ -45,6 +45,8 @@ pub struct Config {
     pub tcp_keepalive: Option<Keepalive>,
     /// Bulk transfers go through kernel pipes (`splice(2)`).
     pub splice: bool,
+    /// Replay a PostgreSQL start-up that a server going away refuses.
+    pub startup_replay: bool,
     /// Sorted by name.
     pub clusters: Vec<ClusterConfig>,
 }
@@ -129,6 +131,7 @@ struct RawConfig {
     listen_backlog: Option<u32>,
     tcp_keepalive: Option<RawKeepalive>,
     splice: Option<bool>,
+    startup_replay: Option<bool>,
     clusters: BTreeMap<String, RawCluster>,
 }
 
@@ -296,6 +299,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             listen_backlog,
             tcp_keepalive,
             splice: raw.splice.unwrap_or(true),
+            startup_replay: raw.startup_replay.unwrap_or(true),
             clusters,
         })
     } else {

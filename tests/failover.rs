@@ -511,3 +511,26 @@ fn a_startup_sent_while_a_replay_waits_is_not_sent_early() {
     let early = pg.early.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(early, 0, "nothing may be sent behind an SSLRequest");
 }
+
+#[test]
+fn startup_replay_can_be_turned_off() {
+    let pg = PgBackend::start("node1", 1);
+    let api = MockPatroni::start(&cluster(vec![member(
+        "node1", "leader", "running", pg.addr, None,
+    )]));
+    let rw = free_port();
+    let ports = format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}");
+    let p = Proxy::start(&config(
+        free_port(),
+        &[api.url()],
+        &ports,
+        "startup_replay: false",
+    ));
+    p.wait_backends("main", "rw", &["node1"]);
+    let err = pg_start(local(rw), true).unwrap_err();
+    assert!(
+        err.contains("57P03"),
+        "the refusal is relayed as sent: {err}"
+    );
+    assert_eq!(pg_start(local(rw), true), Ok((1, "node1".to_string())));
+}

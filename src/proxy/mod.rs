@@ -714,7 +714,7 @@ impl Proxy {
         self.next_id += 1;
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        let mut s = Session::new(id, lk, sock, peer);
+        let mut s = Session::new(id, lk, sock, peer, self.config.startup_replay);
         let tok = token::session(key, Side::Client);
         if let Err(e) = self.poll.registry().register(
             &mut s.client.sock,

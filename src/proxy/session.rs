@@ -177,7 +177,13 @@ pub struct Startup {
 }
 
 impl Session {
-    pub fn new(id: u64, listener: usize, client: TcpStream, client_addr: SocketAddr) -> Session {
+    pub fn new(
+        id: u64,
+        listener: usize,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        replay: bool,
+    ) -> Session {
         Session {
             id,
             listener,
@@ -194,7 +200,7 @@ impl Session {
             bytes_up: 0,
             bytes_down: 0,
             queued: false,
-            startup: Some(Box::default()),
+            startup: replay.then(Box::default),
             retry_pending: false,
         }
     }
