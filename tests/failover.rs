@@ -128,11 +128,8 @@ fn two_leaders_in_one_answer_route_no_leader() {
         .wait_log("more than one leader reported (node1, node2)"));
     // A new leader-port client is held, and connected once the answer is sane.
     let mut held = Client::connect(rig.rw);
-    held.stream
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
     assert!(
-        held.line().is_none(),
+        held.silent_for(Duration::from_millis(300)),
         "no backend while the leader is ambiguous"
     );
     rig.set(&[
@@ -141,9 +138,6 @@ fn two_leaders_in_one_answer_route_no_leader() {
         ("node3", "replica", "streaming"),
     ]);
     assert_eq!(rig.proxy.update(), 200);
-    held.stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     assert_eq!(held.greeting(), "node2");
 }
 
@@ -315,11 +309,8 @@ fn leader_being_demoted_keeps_its_sessions_but_new_clients_wait_for_the_next() {
     assert!(rig.proxy.wait_log("member=node1 draining"));
     assert!(open.echo("not cut for a missing timeline"));
     let mut held = Client::connect(rig.rw);
-    held.stream
-        .set_read_timeout(Some(Duration::from_millis(400)))
-        .unwrap();
     assert!(
-        held.line().is_none(),
+        held.silent_for(Duration::from_millis(400)),
         "no new client goes to a leader being demoted"
     );
     rig.set(&[
@@ -327,9 +318,6 @@ fn leader_being_demoted_keeps_its_sessions_but_new_clients_wait_for_the_next() {
         ("node2", "leader", "running"),
         ("node3", "replica", "streaming"),
     ]);
-    held.stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     assert_eq!(
         held.greeting(),
         "node2",

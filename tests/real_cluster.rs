@@ -187,6 +187,11 @@ impl Cluster {
         );
     }
 
+    fn synchronous_mode(&self, mode: &str) {
+        let set = format!("synchronous_mode={mode}");
+        self.patronictl(&["edit-config", "demo", "-q", "--force", "-s", &set]);
+    }
+
     fn switchover(&self, leader: &str, candidate: &str) {
         self.patronictl(&[
             "switchover",
@@ -587,14 +592,7 @@ fn signal(pid: &str, sig: &str) -> i32 {
 #[ignore = "needs a real cluster: tests/cluster/run"]
 fn f_sync_port_follows_the_sync_standby() {
     let rig = rig();
-    rig.c.patronictl(&[
-        "edit-config",
-        "demo",
-        "-q",
-        "--force",
-        "-s",
-        "synchronous_mode=true",
-    ]);
+    rig.c.synchronous_mode("true");
     let sync_name = || -> Option<String> {
         rig.c.topology()?["members"]
             .as_array()?
@@ -632,14 +630,7 @@ fn f_sync_port_follows_the_sync_standby() {
     );
     rig.c.run(&["start"]);
     if rig.c.version == "4" {
-        rig.c.patronictl(&[
-            "edit-config",
-            "demo",
-            "-q",
-            "--force",
-            "-s",
-            "synchronous_mode=quorum",
-        ]);
+        rig.c.synchronous_mode("quorum");
         let n = rig.c.nodes.len() - 1;
         assert!(
             wait_until(Duration::from_secs(60), || rig
@@ -661,14 +652,7 @@ fn f_sync_port_follows_the_sync_standby() {
             "{ports:?}"
         );
     }
-    rig.c.patronictl(&[
-        "edit-config",
-        "demo",
-        "-q",
-        "--force",
-        "-s",
-        "synchronous_mode=false",
-    ]);
+    rig.c.synchronous_mode("false");
     assert!(wait_until(Duration::from_secs(30), || rig
         .proxy
         .backends("main", "sync")

@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use crate::util::*;
@@ -205,18 +204,15 @@ fn refused_connect_moves_on_and_when_all_fail_the_client_is_held() {
     )]));
     assert_eq!(p.update(), 200);
     let mut c = Client::connect(port);
-    c.stream
-        .set_read_timeout(Some(Duration::from_millis(600)))
-        .unwrap();
-    assert!(c.line().is_none(), "held while every member refuses");
+    assert!(
+        c.silent_for(Duration::from_millis(600)),
+        "held while every member refuses"
+    );
     api.set(&cluster(vec![
         member("node1", "replica", "stopped", dead, None),
         member("node2", "leader", "running", good.addr, None),
     ]));
     assert_eq!(p.update(), 200);
-    c.stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     assert_eq!(c.greeting(), "node2");
 }
 
@@ -261,38 +257,19 @@ fn max_connections_pauses_accepting_and_resumes() {
     }
     // The fourth completes its TCP handshake in the backlog but is not served.
     let mut fourth = Client::connect(port);
-    fourth
-        .stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    assert!(fourth.line().is_none());
+    assert!(
+        fourth.silent_for(Duration::from_millis(500)),
+        "held in the backlog, not closed"
+    );
     assert!(p.log().contains("max_connections=3 reached"));
     held.pop();
-    fourth
-        .stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     assert_eq!(fourth.greeting(), "node1", "served once a slot is free");
 }
 
 #[test]
 fn running_out_of_file_descriptors_is_survived_and_recovered_from() {
     let (_b, _api, cfg, port) = one_leader("");
-    let p = Proxy::start_with(&cfg, |cmd| {
-        // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: 48,
-                    rlim_max: 48,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    });
+    let p = Proxy::start_with(&cfg, |cmd| nofile_limit(cmd, 48));
     p.wait_backends("main", "rw", &["node1"]);
     // Each session needs two descriptors: 40 clients cannot all be served.
     let mut clients: Vec<Client> = (0..40).map(|_| Client::connect(local(port))).collect();
@@ -326,21 +303,7 @@ fn accept_pauses_on_emfile_and_resumes_when_descriptors_free() {
         "    ports:\n",
         &format!("    ports:\n      held: {{listen: \"127.0.0.1:{held}\", roles: [sync], backend_wait_timeout: 60}}\n"),
     );
-    let p = Proxy::start_with(&cfg, |cmd| {
-        // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: 40,
-                    rlim_max: 40,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    });
+    let p = Proxy::start_with(&cfg, |cmd| nofile_limit(cmd, 40));
     let mut clients: Vec<TcpStream> = (0..40)
         .map(|_| TcpStream::connect(local(held)).unwrap())
         .collect();

@@ -490,20 +490,7 @@ impl Proxy {
                     }
                 }
                 Err(e) => {
-                    // Only a session's first failure warns: retries repeat it.
-                    let level = if s.waiting_since.is_some() {
-                        Level::Debug
-                    } else {
-                        Level::Warn
-                    };
-                    log!(
-                        level,
-                        "session={} port={} member={} addr={} connect failed: {e}",
-                        s.id,
-                        l.label,
-                        target.0,
-                        target.1
-                    );
+                    log_connect_failure(s, &l.label, &target, &e);
                     l.release(&target);
                     s.tried.push(target.1);
                 }
@@ -611,18 +598,11 @@ impl Proxy {
         s.drop_backend(self.poll.registry());
         if let Some(t) = s.target.take() {
             let l = self.listeners.get_mut(s.listener);
-            let level = if s.waiting_since.is_some() {
-                Level::Debug
-            } else {
-                Level::Warn
-            };
-            log!(
-                level,
-                "session={} port={} member={} addr={} connect failed: {why}; trying the next member",
-                s.id,
+            log_connect_failure(
+                s,
                 l.as_ref().map_or("?", |l| l.label.as_str()),
-                t.0,
-                t.1
+                &t,
+                &format_args!("{why}; trying the next member"),
             );
             s.tried.push(t.1);
             if let Some(l) = l {
@@ -1635,6 +1615,23 @@ fn accept_retry(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
     )
+}
+
+/// A failed connect: a warning for a session's first failure, debug for the
+/// retries that repeat it while the client is held.
+fn log_connect_failure(s: &Session, label: &str, target: &Target, why: &dyn std::fmt::Display) {
+    let level = if s.waiting_since.is_some() {
+        Level::Debug
+    } else {
+        Level::Warn
+    };
+    log!(
+        level,
+        "session={} port={label} member={} addr={} connect failed: {why}",
+        s.id,
+        target.0,
+        target.1
+    );
 }
 
 fn port_name(l: &Listener) -> &str {

@@ -375,6 +375,21 @@ impl Client {
         self.line().as_deref() == Some(msg)
     }
 
+    /// True when nothing arrives within `d` while the connection stays open
+    /// (the client is held): a timeout, not an end of stream. The usual read
+    /// timeout applies again afterwards.
+    pub fn silent_for(&mut self, d: Duration) -> bool {
+        self.stream.set_read_timeout(Some(d)).unwrap();
+        let silent = matches!(
+            self.reader.fill_buf(),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        );
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        silent
+    }
+
     /// True when the proxy closed the connection (EOF or reset).
     pub fn is_closed(&mut self) -> bool {
         self.stream
@@ -865,5 +880,23 @@ pub fn pg_start(addr: SocketAddr, ssl: bool) -> Result<(usize, String), String> 
             b'E' => return Err(String::from_utf8_lossy(&body).into_owned()),
             other => return Err(format!("unexpected message {:?}", other as char)),
         }
+    }
+}
+
+/// Runs the child with an open-files limit of `n` (soft and hard).
+pub fn nofile_limit(cmd: &mut Command, n: libc::rlim_t) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
