@@ -130,8 +130,13 @@ fn least_connections_balances_replicas() {
         assert_eq!(c.greeting(), "node2");
     }
     // Sequential short connections: ties rotate instead of favouring node2.
+    // Only once the counters have settled: lingering sessions would skew them.
     drop(more);
     drop(keep);
+    assert!(wait_until(Duration::from_secs(5), || {
+        let ro = &rig.proxy.status()["clusters"]["main"]["ports"]["ro"];
+        ro["sessions"] == 0
+    }));
     let mut spread = HashMap::new();
     for _ in 0..8 {
         *spread.entry(whoami(rig.port("ro"))).or_insert(0) += 1;
