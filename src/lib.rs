@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod config_guard;
 pub mod error;
 pub mod notify;
 pub mod patroni;

@@ -25,7 +25,7 @@ mod listener;
 mod session;
 pub mod sockopt;
 mod timer;
-mod token;
+pub(crate) mod token;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
