@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod config_guard;
+pub mod dns;
 pub mod error;
 pub mod notify;
 pub mod patroni;
