@@ -765,6 +765,9 @@ mod tests {
         // Structural errors quote values; the password is masked there too.
         let e = errors("clusters:\n  a:\n    hosts: \"http://admin:s3cret@h\"\n    ports: {}\n");
         assert!(!e.iter().any(|m| m.contains("s3cret")), "{e:?}");
+        let e = errors("clusters: {a: {hosts: [\"http://u:s3/cret@h\"], ports: {}}}");
+        assert!(e[0].contains("carries credentials"), "{e:?}");
+        assert!(!e.iter().any(|m| m.contains("s3")), "{e:?}");
         assert!(
             !errors("clusters: {a: {hosts: [\"ftp://u:s3cret@h\"], ports: {}}}")
                 .iter()

@@ -217,7 +217,8 @@ pub fn duplicate_keys(text: &str) -> Result<(), String> {
 /// a host, and a port within 1..=65535. `display` is the URL as it may be
 /// shown.
 pub fn check_authority(authority: &str, display: &str) -> Result<(), String> {
-    if authority.contains('@') {
+    // `display` is the whole URL: `http://u:pa/ss@h` has its `@` after a `/`.
+    if authority.contains('@') || display.contains('@') {
         return Err(format!(
             "{display:?} carries credentials; remove them from the URL and set \
              the cluster's tls.username and tls.password_file instead"
@@ -257,15 +258,17 @@ pub fn check_authority(authority: &str, display: &str) -> Result<(), String> {
 }
 
 /// `text` with the user information of every `scheme://user:pass@` URL in it
-/// replaced by `***`, for messages that quote the file.
+/// replaced by `***` (everything up to the URL's last `@`, as a password may
+/// hold a `/`), for messages that quote the file.
 pub fn redact(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find("://") {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
+        // Up to where a URL surely ends: a password may hold a `/`.
         let end = tail
-            .find(['/', '"', '\'', ' ', ',', ']', '\n', '\\'])
+            .find(['"', '\'', ' ', '\t', ',', '\n', '\\'])
             .unwrap_or(tail.len());
         let authority = &tail[..end];
         match authority.rfind('@') {
@@ -356,5 +359,6 @@ mod tests {
             "a \"http://***@h:8008/x\" and https://h2 and http://***@h3"
         );
         assert_eq!(redact("no urls"), "no urls");
+        assert_eq!(redact("x http://u:pa/ss@h/p y"), "x http://***@h/p y");
     }
 }
