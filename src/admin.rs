@@ -2,7 +2,7 @@
 //!
 //! PURE: bytes in, a [`Parse`] out; a [`Response`] in, bytes out. The
 //! connection state machine that reads and writes these bytes lives in
-//! `proxy::admin_conn`, under the same edge-triggered rules as sessions.
+//! `proxy::admin`, under the same edge-triggered rules as sessions.
 //!
 //! Scope, on purpose small: one request per connection, answered with
 //! `Connection: close`; HTTP/1.0 and 1.1; GET and HEAD; the request head is

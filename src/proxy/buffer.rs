@@ -17,7 +17,7 @@
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 
-use super::sockopt;
+use super::sys;
 
 /// Most pipes in use at once (two descriptors each).
 pub const MAX_PIPES: usize = 256;
@@ -146,8 +146,8 @@ impl Pool {
             Some(p) => p,
             // Out of descriptors or pipe memory: stay with buffers.
             None => {
-                let (read, write) = sockopt::pipe().ok()?;
-                let cap = sockopt::pipe_capacity(&write);
+                let (read, write) = sys::pipe().ok()?;
+                let cap = sys::pipe_capacity(&write);
                 Pipe {
                     read,
                     write,

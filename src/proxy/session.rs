@@ -49,7 +49,7 @@ use mio::Registry;
 
 use super::buffer::{Buffer, Pipe, Pool};
 use super::listener::Target;
-use super::sockopt;
+use super::sys;
 use super::token::Side;
 use crate::pgwire::{self, Answer};
 
@@ -628,7 +628,7 @@ fn splice(
         };
         let mut progress = false;
         if src.readable && !src.read_eof && !pipe.full && pipe.len < pipe.cap {
-            match sockopt::splice(&src.sock, &pipe.write, pipe.cap - pipe.len) {
+            match sys::splice(&src.sock, &pipe.write, pipe.cap - pipe.len) {
                 Ok(0) => {
                     src.read_eof = true;
                     progress = true;
@@ -652,7 +652,7 @@ fn splice(
             }
         }
         if pipe.len > 0 && dst.writable {
-            match sockopt::splice(&pipe.read, &dst.sock, pipe.len) {
+            match sys::splice(&pipe.read, &dst.sock, pipe.len) {
                 Ok(0) => return Err(dst_err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
                     pipe.len -= n;

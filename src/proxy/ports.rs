@@ -1,0 +1,297 @@
+//! Listening ports: bind, add, remove, accept (with the EMFILE pause), and
+//! refresh a port's backends after a topology change.
+
+use super::*;
+
+impl Proxy {
+    // ---- accepting --------------------------------------------------------
+
+    pub(super) fn accept_clients(&mut self) {
+        self.accept_more = false;
+        if self.accept_paused || self.drain_deadline.is_some() {
+            return;
+        }
+        for lk in 0..self.listeners.capacity() {
+            let mut accepted = 0;
+            while let Some(l) = self.listeners.get_mut(lk).filter(|l| l.accept_ready) {
+                if self.sessions.len() >= self.config.max_connections {
+                    if !self.at_capacity {
+                        self.at_capacity = true;
+                        warn!(
+                            "max_connections={} reached; new clients wait in the backlog",
+                            self.config.max_connections
+                        );
+                    }
+                    return;
+                }
+                if accepted == ACCEPT_BATCH {
+                    self.accept_more = true;
+                    break;
+                }
+                match l.socket.accept() {
+                    Ok((sock, peer)) => {
+                        accepted += 1;
+                        self.accept_backoff = ACCEPT_PAUSE_MIN;
+                        self.new_session(lk, sock, peer);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => l.accept_ready = false,
+                    Err(e) if accept_retry(&e) => {}
+                    Err(e) => return self.pause_accepting(&e),
+                }
+            }
+        }
+    }
+
+    /// Out of file descriptors (or another accept failure): the pending
+    /// connection stays in the backlog and, edge-triggered, no new event
+    /// will come for it, so retry on a timer.
+    pub(super) fn pause_accepting(&mut self, e: &io::Error) {
+        let backoff = self.accept_backoff;
+        if backoff == ACCEPT_PAUSE_MIN {
+            error!(
+                "accept failed: {e}; pausing accepts (sessions={})",
+                self.sessions.len()
+            );
+        }
+        self.accept_paused = true;
+        self.accept_backoff = (backoff * 2).min(ACCEPT_PAUSE_MAX);
+        self.timers
+            .add(Instant::now() + backoff, Timer::AcceptResume);
+    }
+
+    pub(super) fn new_session(&mut self, lk: usize, sock: TcpStream, peer: SocketAddr) {
+        let _ = sock.set_nodelay(true);
+        if let Some(ka) = &self.config.tcp_keepalive {
+            let _ = sys::set_keepalive(&sock, ka);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let entry = self.sessions.vacant_entry();
+        let key = entry.key();
+        let mut s = Session::new(id, lk, sock, peer, self.config.startup_replay);
+        let tok = token::session(key, Side::Client);
+        if let Err(e) = self.poll.registry().register(
+            &mut s.client.sock,
+            tok,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("registering client {peer}: {e}");
+            return;
+        }
+        entry.insert(s);
+        self.route(key);
+    }
+
+    pub(super) fn refresh_listeners(&mut self, cluster: &str) {
+        for lk in 0..self.listeners.capacity() {
+            if self.listeners.get(lk).is_some_and(|l| l.cluster == cluster) {
+                self.refresh_listener(lk);
+            }
+        }
+    }
+
+    /// Recomputes a port's backends from its cluster's topology; closes the
+    /// sessions on members that lost what the port requires; routes waiting
+    /// clients when a member became available.
+    pub(super) fn refresh_listener(&mut self, lk: usize) {
+        let Some(l) = self.listeners.get_mut(lk) else {
+            return;
+        };
+        let topo = self
+            .clusters
+            .get(&l.cluster)
+            .and_then(|c| c.topology.as_ref());
+        let routable = topo
+            .map(|t| topology::routable(t, &l.filter))
+            .unwrap_or_default();
+        let mut evicted: Vec<(Target, String)> = Vec::new();
+        for b in &l.backends {
+            if !routable.iter().any(|r| b.is(r)) {
+                let reason = match topo.and_then(|t| t.member(&b.member).map(|m| (t, m))) {
+                    None => "removed from the cluster".to_string(),
+                    Some((t, m)) => match topology::eligibility(t, m, &l.filter) {
+                        Err(x) => x.to_string(),
+                        Ok(addr) => format!("address changed to {addr}"),
+                    },
+                };
+                evicted.push(((b.member.clone(), b.addr), reason));
+            }
+        }
+        for r in &routable {
+            match l.backends.iter().find(|b| b.is(r)) {
+                None => info!(
+                    "port={} member={} addr={} routable{}",
+                    l.label,
+                    r.member,
+                    r.addr,
+                    if r.draining { " but draining" } else { "" }
+                ),
+                Some(b) if b.draining != r.draining => info!(
+                    "port={} member={} {}",
+                    l.label,
+                    r.member,
+                    if r.draining {
+                        "draining: a leader without timeline (Patroni is demoting or restarting it); new clients wait"
+                    } else {
+                        "no longer draining; taking new clients"
+                    }
+                ),
+                Some(_) => {}
+            }
+        }
+        l.set_backends(&routable);
+        let has_backends = l.has_open_backend();
+        let label = l.label.clone();
+
+        let mut close = Vec::new();
+        let mut reroute = Vec::new();
+        let mut replay = Vec::new();
+        let mut start = Vec::new();
+        for (k, s) in self.sessions.iter().filter(|(_, s)| s.listener == lk) {
+            match s.phase {
+                Phase::Streaming | Phase::Connecting => {
+                    let Some(t) = &s.target else { continue };
+                    if let Some((_, why)) = evicted.iter().find(|(e, _)| e == t) {
+                        if s.phase == Phase::Connecting {
+                            reroute.push(k);
+                        } else if s.startup.is_some() {
+                            // Nothing but the start-up happened yet: replay
+                            // it elsewhere instead of failing the client.
+                            replay.push((k, why.clone()));
+                        } else {
+                            close.push((k, why.clone()));
+                        }
+                    }
+                }
+                Phase::Waiting if has_backends => start.push(k),
+                _ => {}
+            }
+        }
+        for ((member, addr), why) in &evicted {
+            let n = close
+                .iter()
+                .filter(|(k, _)| {
+                    self.sessions[*k]
+                        .target
+                        .as_ref()
+                        .is_some_and(|t| *t.0 == **member)
+                })
+                .count();
+            info!("port={label} member={member} addr={addr} no longer routable ({why}); closing {n} sessions");
+        }
+        for (k, why) in close {
+            self.close_session(
+                k,
+                &format!("member no longer routable: {why}"),
+                Level::Debug,
+            );
+        }
+        for (k, why) in replay {
+            self.retry_refused(
+                k,
+                &format!("member no longer routable: {why}"),
+                Duration::ZERO,
+                true,
+            );
+        }
+        for k in reroute {
+            if let Some(s) = self.sessions.get_mut(k) {
+                s.drop_backend(self.poll.registry());
+                s.target = None; // its backend is gone from the list: nothing to release
+                s.phase = Phase::Waiting;
+                self.route(k);
+            }
+        }
+        for k in start {
+            self.route(k);
+        }
+    }
+
+    pub(super) fn add_listener(
+        &mut self,
+        mut socket: TcpListener,
+        cluster: &ClusterConfig,
+        port: &PortConfig,
+    ) -> Result<()> {
+        let entry = self.listeners.vacant_entry();
+        if entry.key() >= token::MAX_LISTENERS {
+            return Err(Error::io(
+                "adding a listener",
+                io::Error::other("too many listeners"),
+            ));
+        }
+        self.poll
+            .registry()
+            .register(
+                &mut socket,
+                token::listener(entry.key()),
+                Interest::READABLE,
+            )
+            .map_err(|e| Error::io(format!("registering listener {}", port.listen), e))?;
+        let l = Listener::new(socket, cluster, port);
+        info!(
+            "port={} listening on {} roles={:?}",
+            l.label, l.addr, port.roles
+        );
+        let lk = entry.key();
+        entry.insert(l);
+        self.refresh_listener(lk);
+        Ok(())
+    }
+
+    /// Closes every session of listener `lk`.
+    pub(super) fn close_listener_sessions(&mut self, lk: usize, why: &str) {
+        let keys: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.listener == lk)
+            .map(|(k, _)| k)
+            .collect();
+        for k in keys {
+            self.close_session(k, why, Level::Debug);
+        }
+    }
+
+    pub(super) fn remove_listener(&mut self, lk: usize, why: &str) {
+        self.close_listener_sessions(lk, why);
+        if let Some(mut l) = self.listeners.try_remove(lk) {
+            let _ = self.poll.registry().deregister(&mut l.socket);
+            info!("port={} on {} closed: {why}", l.label, l.addr);
+        }
+    }
+
+    pub(super) fn check_fd_limit(&self) {
+        let wanted = self.config.max_connections as u64 * 2
+            + self.listeners.len() as u64
+            + MAX_ADMIN as u64
+            + 64;
+        match sys::raise_nofile_limit(wanted) {
+            Ok((soft, _)) if soft < wanted => warn!(
+                "open files limit is {soft}, below the {wanted} that max_connections={} needs; \
+                 accepting pauses when it runs out",
+                self.config.max_connections
+            ),
+            Ok((soft, _)) => debug!("open files limit {soft}"),
+            Err(e) => warn!("cannot read the open files limit: {e}"),
+        }
+    }
+}
+
+/// An accept error after which the next accept may well succeed: a signal,
+/// or a client that gave up while queued. Anything else (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM) leaves the connection in the backlog.
+pub(super) fn accept_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+    )
+}
+
+pub(super) fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {
+    let std = sys::bind_listener(addr, backlog).map_err(|(step, source)| Error::Bind {
+        addr,
+        step,
+        source,
+    })?;
+    Ok(TcpListener::from_std(std))
+}
