@@ -1,18 +1,74 @@
-//! One admin HTTP connection: read a request head, wait for the answer
-//! (which may take a Patroni poll for `/update_clusters`), write the
-//! response, close. Same edge-triggered rules as sessions: read and write
-//! until `WouldBlock`, never assume an event means progress.
+//! The admin interface: its listener, its HTTP connections and the dispatch
+//! of its routes (the pure request parser and responses are `crate::admin`).
+//!
+//! The connection machinery is not admin-specific: a [`Front`] is one HTTP
+//! listener with its connections and its own route table, and an
+//! [`HttpConn`] reads one request head, waits for the answer (which may take
+//! a Patroni poll for `/update_clusters`), writes the response and closes.
+//! Its socket is behind [`Io`], so a TLS stream can take its place. Same
+//! edge-triggered rules as sessions: read and write until `WouldBlock`,
+//! never assume an event means progress.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
-use std::time::Instant;
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
 
+use log::{info, warn};
 use mio::event::Event;
-use mio::net::TcpStream;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+use slab::Slab;
 
-use crate::admin::{self, Parse, Request, Response};
+use super::sys;
+use super::timer::Timer;
+use super::{token, Proxy};
+use crate::admin::{self, Parse, Request, Response, Route};
 
-use super::*;
+/// Admin connections must send their request within this.
+pub const ADMIN_IDLE: Duration = Duration::from_secs(5);
+/// Most admin connections at once (the rest wait in the backlog).
+pub const MAX_ADMIN_CONNS: usize = 64;
+
+/// The socket of an HTTP connection.
+pub enum Io {
+    Plain(TcpStream),
+}
+
+impl Io {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Io::Plain(s) => s.read(buf),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Io::Plain(s) => s.write(buf),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        match self {
+            Io::Plain(s) => {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+        }
+    }
+
+    fn register(&mut self, registry: &Registry, tok: Token) -> io::Result<()> {
+        match self {
+            Io::Plain(s) => registry.register(s, tok, Interest::READABLE | Interest::WRITABLE),
+        }
+    }
+
+    fn deregister(&mut self, registry: &Registry) {
+        match self {
+            Io::Plain(s) => {
+                let _ = registry.deregister(s);
+            }
+        }
+    }
+}
 
 pub enum State {
     /// Reading the request head.
@@ -31,12 +87,14 @@ pub enum State {
     Closed,
 }
 
-pub struct AdminConn {
+/// One HTTP connection.
+pub struct HttpConn {
     pub id: u64,
-    pub sock: TcpStream,
+    io: Io,
     pub state: State,
     /// Idle deadline while reading, poll deadline while refreshing.
     pub deadline: Instant,
+    routes: &'static [(&'static str, Route)],
     input: Vec<u8>,
     output: Vec<u8>,
     written: usize,
@@ -52,13 +110,19 @@ pub enum Step {
     Close,
 }
 
-impl AdminConn {
-    pub fn new(id: u64, sock: TcpStream, deadline: Instant) -> AdminConn {
-        AdminConn {
+impl HttpConn {
+    pub fn new(
+        id: u64,
+        io: Io,
+        deadline: Instant,
+        routes: &'static [(&'static str, Route)],
+    ) -> HttpConn {
+        HttpConn {
             id,
-            sock,
+            io,
             state: State::Reading,
             deadline,
+            routes,
             input: Vec::new(),
             output: Vec::new(),
             written: 0,
@@ -88,7 +152,7 @@ impl AdminConn {
     fn read(&mut self) -> Step {
         let mut chunk = [0u8; 2048];
         while self.readable {
-            match self.sock.read(&mut chunk) {
+            match self.io.read(&mut chunk) {
                 Ok(0) => return Step::Close, // closed before a full request
                 Ok(n) => {
                     let take = n.min(
@@ -96,7 +160,7 @@ impl AdminConn {
                             - self.input.len().min(admin::MAX_REQUEST_BYTES),
                     );
                     self.input.extend_from_slice(&chunk[..take]);
-                    match admin::parse_request(&self.input) {
+                    match admin::parse_request_with(&self.input, self.routes) {
                         Parse::Incomplete => continue,
                         Parse::Ok(req) => return Step::Route(req),
                         Parse::Reject(resp) => {
@@ -105,15 +169,17 @@ impl AdminConn {
                         }
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Step::Close,
+                Err(e) => match sys::classify(&e) {
+                    sys::IoError::WouldBlock => self.readable = false,
+                    sys::IoError::Interrupted => {}
+                    sys::IoError::Failed => return Step::Close,
+                },
             }
         }
         Step::Nothing
     }
 
-    /// Queues `resp` for writing (the caller then calls [`advance`]).
+    /// Queues `resp` for writing (the caller then calls [`Self::advance`]).
     pub fn respond(&mut self, resp: &Response) {
         self.output = resp.render();
         self.written = 0;
@@ -122,62 +188,166 @@ impl AdminConn {
 
     fn write(&mut self) -> Step {
         while self.writable && self.written < self.output.len() {
-            match self.sock.write(&self.output[self.written..]) {
+            match self.io.write(&self.output[self.written..]) {
                 Ok(0) => return Step::Close,
                 Ok(n) => self.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Step::Close,
+                Err(e) => match sys::classify(&e) {
+                    sys::IoError::WouldBlock => self.writable = false,
+                    sys::IoError::Interrupted => {}
+                    sys::IoError::Failed => return Step::Close,
+                },
             }
         }
         if self.written == self.output.len() {
             // All sent: FIN, then close at reap.
-            let _ = self.sock.shutdown(Shutdown::Write);
+            self.io.shutdown();
             return Step::Close;
         }
         Step::Nothing
     }
 }
 
-impl Proxy {
-    // ---- admin --------------------------------------------------------------
+/// One HTTP listener, its connections and its route table.
+pub struct Front {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+    listener_token: Token,
+    conn_token: fn(usize) -> Token,
+    routes: &'static [(&'static str, Route)],
+    /// The kernel said there are connections to accept.
+    pub accept_ready: bool,
+    pub conns: Slab<HttpConn>,
+    closed: Vec<usize>,
+    next_id: u64,
+}
 
-    pub(super) fn accept_admin(&mut self) {
-        while self.admin_accept_ready {
-            if self.admins.len() >= MAX_ADMIN {
-                return; // leave the rest in the backlog until one finishes
+impl Front {
+    /// Registers `listener` under `listener_token`; connection `k` gets
+    /// `conn_token(k)`.
+    pub fn new(
+        mut listener: TcpListener,
+        addr: SocketAddr,
+        registry: &Registry,
+        listener_token: Token,
+        conn_token: fn(usize) -> Token,
+        routes: &'static [(&'static str, Route)],
+    ) -> io::Result<Front> {
+        registry.register(&mut listener, listener_token, Interest::READABLE)?;
+        Ok(Front {
+            listener,
+            addr,
+            listener_token,
+            conn_token,
+            routes,
+            accept_ready: false,
+            conns: Slab::new(),
+            closed: Vec::new(),
+            next_id: 1,
+        })
+    }
+
+    /// Swaps in a new listening socket (reload moved the address).
+    pub fn rebind(&mut self, mut sock: TcpListener, addr: SocketAddr, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        if let Err(e) = registry.register(&mut sock, self.listener_token, Interest::READABLE) {
+            log::error!("registering the new listener on {addr}: {e}");
+        }
+        self.listener = sock;
+        self.addr = addr;
+        self.accept_ready = false;
+    }
+
+    /// Accepts while the kernel has connections and there is room; each new
+    /// connection gets an idle deadline. Returns the `(key, id, deadline)`
+    /// of each for the caller's timers.
+    pub fn accept(&mut self, registry: &Registry, now: Instant) -> Vec<(usize, u64, Instant)> {
+        let mut out = Vec::new();
+        while self.accept_ready {
+            if self.conns.len() >= MAX_ADMIN_CONNS {
+                break; // leave the rest in the backlog until one finishes
             }
-            match self.admin_listener.accept() {
-                Ok((mut sock, _)) => {
-                    let entry = self.admins.vacant_entry();
+            match self.listener.accept() {
+                Ok((sock, _)) => {
+                    let entry = self.conns.vacant_entry();
                     let key = entry.key();
-                    let tok = token::admin(key);
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut sock, tok, Interest::READABLE | Interest::WRITABLE)
-                        .is_err()
-                    {
+                    let mut io = Io::Plain(sock);
+                    if io.register(registry, (self.conn_token)(key)).is_err() {
                         continue;
                     }
                     let id = self.next_id;
                     self.next_id += 1;
-                    let deadline = Instant::now() + ADMIN_IDLE;
-                    entry.insert(AdminConn::new(id, sock, deadline));
-                    self.timers.add(deadline, Timer::Admin(key, id));
+                    let deadline = now + ADMIN_IDLE;
+                    entry.insert(HttpConn::new(id, io, deadline, self.routes));
+                    out.push((key, id, deadline));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.admin_accept_ready = false,
-                Err(e) if accept_retry(&e) => {}
-                Err(e) => {
-                    warn!("admin accept failed: {e}");
-                    return; // retried on the next loop turn
-                }
+                Err(e) => match sys::accept_error(&e) {
+                    sys::AcceptError::WouldBlock => self.accept_ready = false,
+                    sys::AcceptError::Retry => {}
+                    sys::AcceptError::Pause => {
+                        warn!("admin accept failed: {e}");
+                        break; // retried on the next loop turn
+                    }
+                },
+            }
+        }
+        out
+    }
+
+    /// Marks a connection closed; it is removed at [`Self::reap`].
+    pub fn close(&mut self, key: usize) {
+        if let Some(c) = self.conns.get_mut(key) {
+            if !matches!(c.state, State::Closed) {
+                c.state = State::Closed;
+                self.closed.push(key);
             }
         }
     }
 
+    /// Removes the connections closed since the last reap.
+    pub fn reap(&mut self, registry: &Registry) {
+        for key in self.closed.drain(..) {
+            if let Some(mut c) = self.conns.try_remove(key) {
+                c.io.deregister(registry);
+            }
+        }
+    }
+}
+
+/// The admin interface: a [`Front`] with the admin routes, and the ids of
+/// `/update_clusters` requests.
+pub struct Admin {
+    pub front: Front,
+    next_request_id: u64,
+}
+
+impl Admin {
+    pub fn new(listener: TcpListener, addr: SocketAddr, registry: &Registry) -> io::Result<Admin> {
+        let front = Front::new(
+            listener,
+            addr,
+            registry,
+            token::ADMIN_LISTENER,
+            token::admin,
+            &Route::ALL,
+        )?;
+        info!("admin interface listening on {addr}");
+        Ok(Admin {
+            front,
+            next_request_id: 1,
+        })
+    }
+}
+
+impl Proxy {
+    pub(super) fn accept_admin(&mut self) {
+        let now = Instant::now();
+        for (key, id, deadline) in self.admin.front.accept(self.poll.registry(), now) {
+            self.timers.add(deadline, Timer::Admin(key, id));
+        }
+    }
+
     pub(super) fn admin_event(&mut self, key: usize, ev: Option<&Event>) {
-        let Some(a) = self.admins.get_mut(key) else {
+        let Some(a) = self.admin.front.conns.get_mut(key) else {
             return;
         };
         let step = match ev {
@@ -186,28 +356,19 @@ impl Proxy {
         };
         match step {
             Step::Nothing => {}
-            Step::Close => self.close_admin(key),
+            Step::Close => self.admin.front.close(key),
             Step::Route(req) => self.admin_route(key, req),
         }
     }
 
-    pub(super) fn close_admin(&mut self, key: usize) {
-        if let Some(a) = self.admins.get_mut(key) {
-            if !matches!(a.state, AdminState::Closed) {
-                a.state = AdminState::Closed;
-                self.closed_admins.push(key);
-            }
-        }
-    }
-
-    pub(super) fn admin_respond(&mut self, key: usize, resp: Response) {
-        if let Some(a) = self.admins.get_mut(key) {
+    fn admin_respond(&mut self, key: usize, resp: Response) {
+        if let Some(a) = self.admin.front.conns.get_mut(key) {
             a.respond(&resp);
             self.admin_event(key, None);
         }
     }
 
-    pub(super) fn admin_route(&mut self, key: usize, req: Request) {
+    fn admin_route(&mut self, key: usize, req: Request) {
         let resp = match req.route {
             Route::Root => Response::text(200, "OK"),
             Route::Clusters => Response::json(200, self.status_json()),
@@ -222,13 +383,13 @@ impl Proxy {
         self.admin_respond(key, resp.head_only(req.head_only));
     }
 
-    pub(super) fn start_refresh(&mut self, key: usize, head_only: bool) {
-        let request = self.next_request_id;
-        self.next_request_id += 1;
+    fn start_refresh(&mut self, key: usize, head_only: bool) {
+        let request = self.admin.next_request_id;
+        self.admin.next_request_id += 1;
         let mut pending = Vec::new();
         let mut failures = Vec::new();
         let mut hosts = 1;
-        for (name, c) in &self.clusters {
+        for (name, c) in self.clusters.iter() {
             hosts = hosts.max(c.updater.settings.hosts.len() as u32);
             if c.updater.refresh(request) {
                 pending.push(name.clone());
@@ -238,12 +399,12 @@ impl Proxy {
         }
         // Each host may take api_timeout; the poll may already be under way.
         let wait = self.config.api_timeout * (hosts * 2) + Duration::from_secs(1);
-        let Some(a) = self.admins.get_mut(key) else {
+        let Some(a) = self.admin.front.conns.get_mut(key) else {
             return;
         };
         a.deadline = Instant::now() + wait;
         self.timers.add(a.deadline, Timer::Admin(key, a.id));
-        a.state = AdminState::Refreshing {
+        a.state = State::Refreshing {
             request,
             pending,
             failures,
@@ -263,8 +424,8 @@ impl Proxy {
             return;
         }
         let mut touched = Vec::new();
-        for (key, a) in self.admins.iter_mut() {
-            if let AdminState::Refreshing {
+        for (key, a) in self.admin.front.conns.iter_mut() {
+            if let State::Refreshing {
                 request,
                 pending,
                 failures,
@@ -285,11 +446,11 @@ impl Proxy {
         }
     }
 
-    pub(super) fn finish_refresh_if_done(&mut self, key: usize) {
-        let Some(a) = self.admins.get(key) else {
+    fn finish_refresh_if_done(&mut self, key: usize) {
+        let Some(a) = self.admin.front.conns.get(key) else {
             return;
         };
-        let AdminState::Refreshing {
+        let State::Refreshing {
             pending,
             failures,
             head_only,
@@ -313,16 +474,16 @@ impl Proxy {
         self.admin_respond(key, resp.head_only(head_only));
     }
 
-    pub(super) fn admin_deadline(&mut self, key: usize, id: u64) {
-        let Some(a) = self.admins.get(key) else {
+    pub(super) fn admin_deadline(&mut self, key: usize, id: u64, now: Instant) {
+        let Some(a) = self.admin.front.conns.get(key) else {
             return;
         };
-        if a.id != id || a.deadline > Instant::now() {
+        if a.id != id || a.deadline > now {
             return;
         }
         let resp = match &a.state {
-            AdminState::Reading => Response::text(408, "request timeout\n"),
-            AdminState::Refreshing {
+            State::Reading => Response::text(408, "request timeout\n"),
+            State::Refreshing {
                 pending, head_only, ..
             } => Response::text(
                 503,
@@ -330,12 +491,12 @@ impl Proxy {
             )
             .head_only(*head_only),
             // A client that does not read its response: give up on it.
-            AdminState::Writing => return self.close_admin(key),
-            AdminState::Closed => return,
+            State::Writing => return self.admin.front.close(key),
+            State::Closed => return,
         };
         // Give the writer one more idle period.
-        if let Some(a) = self.admins.get_mut(key) {
-            a.deadline = Instant::now() + ADMIN_IDLE;
+        if let Some(a) = self.admin.front.conns.get_mut(key) {
+            a.deadline = now + ADMIN_IDLE;
             self.timers.add(a.deadline, Timer::Admin(key, id));
         }
         self.admin_respond(key, resp);

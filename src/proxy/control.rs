@@ -1,15 +1,19 @@
-//! Signals: reload (bind everything new first, then commit) and drain.
+//! Control: what the signals ask for. Reload (bind everything new first,
+//! then commit all of it, or keep the running configuration), drain
+//! (SIGTERM: stop accepting, let sessions finish within `shutdown_timeout`),
+//! refresh (SIGUSR1) and exit (SIGQUIT, or a second stop signal).
 
 use super::*;
 
 impl Proxy {
-    // ---- signals, reload, drain ---------------------------------------------
-
     pub(super) fn handle_signals(&mut self) {
+        // Several signals may have arrived since the last turn: a reload or a
+        // refresh asked for twice is done once, after the others.
+        let (mut reload, mut refresh) = (false, false);
         for action in self.signals.pending() {
             match action {
-                Action::Reload => self.reload_requested = true,
-                Action::Refresh => self.refresh_requested = true,
+                Action::Reload => reload = true,
+                Action::Refresh => refresh = true,
                 Action::Drain => self.start_drain(),
                 Action::Exit => {
                     info!("SIGQUIT: exiting at once");
@@ -17,18 +21,18 @@ impl Proxy {
                 }
             }
         }
-        if std::mem::take(&mut self.reload_requested) {
+        if reload {
             self.reload();
         }
-        if std::mem::take(&mut self.refresh_requested) {
+        if refresh {
             info!("SIGUSR1: polling every cluster now");
-            for c in self.clusters.values() {
+            for (_, c) in self.clusters.iter() {
                 c.updater.refresh(0);
             }
         }
     }
 
-    pub(super) fn start_drain(&mut self) {
+    fn start_drain(&mut self) {
         if self.drain_deadline.is_some() {
             info!("second stop signal while draining: exiting at once");
             self.exit_now = true;
@@ -62,7 +66,7 @@ impl Proxy {
     /// Re-reads the config file and applies all of it, or nothing: every new
     /// socket is bound before anything changes, and a file that does not
     /// validate leaves the running configuration in place.
-    pub(super) fn reload(&mut self) {
+    fn reload(&mut self) {
         if self.drain_deadline.is_some() {
             warn!("SIGHUP ignored while shutting down");
             return;
@@ -77,7 +81,8 @@ impl Proxy {
             )),
             Err(e) => {
                 error!("reload failed; keeping the running configuration: {e}");
-                let first = e.lines().next().unwrap_or_default().to_string();
+                let e = e.to_string();
+                let first = e.lines().next().unwrap_or_default();
                 notify::notify(&format!(
                     "READY=1\nSTATUS=reload failed, previous configuration kept: {first}"
                 ));
@@ -85,28 +90,17 @@ impl Proxy {
         }
     }
 
-    pub(super) fn try_reload(&mut self) -> std::result::Result<(), String> {
-        let new = match config::load(&self.config_path) {
-            Ok(c) => c,
-            Err(e) => return Err(e.to_string()),
-        };
+    fn try_reload(&mut self) -> Result<()> {
+        let new = config::load(&self.config_path)?;
         let mut fresh: HashMap<SocketAddr, TcpListener> = HashMap::new();
         for (_, port) in new.ports() {
             if self.listeners.iter().any(|(_, l)| l.addr == port.listen) {
                 continue;
             }
-            match bind(port.listen, new.listen_backlog) {
-                Ok(s) => {
-                    fresh.insert(port.listen, s);
-                }
-                Err(e) => return Err(e.to_string()),
-            }
+            fresh.insert(port.listen, bind(port.listen, new.listen_backlog)?);
         }
         let admin = if new.listen_address != self.config.listen_address {
-            match bind(new.listen_address, new.listen_backlog) {
-                Ok(s) => Some(s),
-                Err(e) => return Err(e.to_string()),
-            }
+            Some(bind(new.listen_address, new.listen_backlog)?)
         } else {
             None
         };
@@ -115,42 +109,14 @@ impl Proxy {
         log::set_max_level(config::raise_level(new.log_level, self.verbosity));
         self.pool.resize(new.buffer_size);
         self.pool.set_splice(new.splice);
-        if let Some(mut sock) = admin {
-            let reg = self.poll.registry();
-            let _ = reg.deregister(&mut self.admin_listener);
-            if let Err(e) = reg.register(&mut sock, token::ADMIN_LISTENER, Interest::READABLE) {
-                error!("registering the new admin listener: {e}");
-            }
-            self.admin_listener = sock;
-            self.admin_accept_ready = false;
+        if let Some(sock) = admin {
+            self.admin
+                .front
+                .rebind(sock, new.listen_address, self.poll.registry());
             info!("admin interface moved to {}", new.listen_address);
         }
-        let old = std::mem::replace(&mut self.config, new.clone());
-        for name in old.clusters.iter().map(|c| &c.name) {
-            if !new.clusters.iter().any(|c| &c.name == name) {
-                if let Some(c) = self.clusters.remove(name) {
-                    c.updater.stop();
-                    info!("cluster={name} removed");
-                }
-            }
-        }
-        for cluster in &new.clusters {
-            let (hosts, interval, api_timeout) = new.updater_settings(cluster);
-            let wanted = updater::Settings {
-                hosts,
-                interval,
-                api_timeout,
-            };
-            let restart = self
-                .clusters
-                .get(&cluster.name)
-                .is_none_or(|c| c.updater.settings != wanted);
-            if restart {
-                if let Err(e) = self.start_cluster(cluster) {
-                    error!("{e}");
-                }
-            }
-        }
+        self.config = new.clone();
+        self.clusters.reconcile(&new);
         for lk in 0..self.listeners.capacity() {
             let Some(l) = self.listeners.get(lk) else {
                 continue;

@@ -85,13 +85,7 @@ impl Proxy {
                 self.retry_refused(key, &why, STARTUP_RETRY, false);
             }
             Pumped::Failed(side, e) => {
-                let level = match e.kind() {
-                    io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::NotConnected => Level::Debug,
-                    _ => Level::Info,
-                };
+                let level = sys::close_level(&e);
                 let side = if side == Side::Client {
                     "client"
                 } else {
@@ -109,6 +103,24 @@ impl Proxy {
                 s.queued = false;
                 self.pump(key);
             }
+        }
+    }
+
+    /// Closes the clients waiting on a cluster whose topology went stale.
+    pub(super) fn close_waiting_of(&mut self, cluster: &str) {
+        let waiting: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::Waiting)
+            .filter(|(_, s)| {
+                self.listeners
+                    .get(s.listener)
+                    .is_some_and(|l| l.cluster == cluster)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in waiting {
+            self.close_session(key, "topology stale", Level::Info);
         }
     }
 
@@ -163,7 +175,7 @@ impl Proxy {
         let Some(l) = listeners.get_mut(s.listener) else {
             return self.close_session(key, "port removed", Level::Debug);
         };
-        if clusters.get(&l.cluster).is_some_and(|c| c.stale) {
+        if clusters.is_stale(&l.cluster) {
             let label = l.label.clone();
             return self.close_session(
                 key,

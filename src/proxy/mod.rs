@@ -32,11 +32,10 @@ mod sys;
 mod timer;
 mod token;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,88 +46,52 @@ use mio::{Events, Interest, Poll, Waker};
 use serde_json::{json, Value};
 use slab::Slab;
 
-use crate::admin::Route;
 use crate::config::{self, ClusterConfig, Config, PortConfig};
 use crate::error::{Error, Result};
 use crate::notify;
 use crate::signals::{Action, Signals};
-use crate::topology::{self, Topology};
-use crate::updater::{self, Update};
+use crate::topology;
 
-use admin::{AdminConn, State as AdminState};
+use admin::Admin;
 use buffer::Pool;
+use clusters::Clusters;
 use listener::{Listener, Target};
-use ports::{accept_retry, bind};
+use ports::{bind, Accept};
 use session::{Connect, Endpoint, Phase, Pumped, Session};
 use timer::{Timer, Timers};
 use token::Side;
 
 /// Bytes moved per direction per pump before other sessions get a turn.
 const PUMP_BUDGET: usize = 256 * 1024;
-/// Connections accepted per listener per loop turn.
-const ACCEPT_BATCH: usize = 256;
 /// How long a half-closed session may wait for the other direction.
 const FIN_TIMEOUT: Duration = Duration::from_secs(60);
-/// Admin connections must send their request within this.
-const ADMIN_IDLE: Duration = Duration::from_secs(5);
-/// Most admin connections at once.
-const MAX_ADMIN: usize = 64;
 /// Free buffers the pool keeps.
 const POOL_KEEP: usize = 64;
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
-const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(100);
-const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
-const STALE_REMINDER: Duration = Duration::from_secs(60);
 /// How long a client waits before its refused start-up is retried.
 const STARTUP_RETRY: Duration = Duration::from_millis(250);
 /// How long a client waits before connecting again when every routable
 /// member failed to connect.
 const CONNECT_RETRY: Duration = Duration::from_millis(250);
 
-/// What the loop knows of one cluster.
-struct ClusterState {
-    updater: updater::Handle,
-    topology: Option<Topology>,
-    last_success: Option<Instant>,
-    last_host: Option<String>,
-    last_error: Option<String>,
-    /// Beyond `topology_ttl` without a successful poll: refuse new clients.
-    stale: bool,
-    stale_logged: Option<Instant>,
-}
-
 pub struct Proxy {
     poll: Poll,
-    waker: Arc<Waker>,
     config: Config,
     config_path: PathBuf,
     verbosity: u8,
-    updates_tx: Sender<Update>,
-    updates_rx: Receiver<Update>,
     signals: Signals,
-    admin_listener: TcpListener,
-    admin_accept_ready: bool,
-    admins: Slab<AdminConn>,
+    admin: Admin,
     listeners: Slab<Listener>,
+    accept: Accept,
     sessions: Slab<Session>,
-    clusters: BTreeMap<String, ClusterState>,
+    clusters: Clusters,
     pool: Pool,
     timers: Timers,
     run_queue: Vec<usize>,
     closed_sessions: Vec<usize>,
-    closed_admins: Vec<usize>,
     next_id: u64,
-    next_updater_id: u64,
-    next_request_id: u64,
-    accept_paused: bool,
-    accept_backoff: Duration,
-    /// A listener still had connections when its batch ended.
-    accept_more: bool,
-    at_capacity: bool,
     drain_deadline: Option<Instant>,
     exit_now: bool,
-    reload_requested: bool,
-    refresh_requested: bool,
 }
 
 impl Proxy {
@@ -144,59 +107,37 @@ impl Proxy {
         poll.registry()
             .register(signals.source(), token::SIGNALS, Interest::READABLE)
             .map_err(|e| Error::io("registering the signal pipe", e))?;
-        let mut admin_listener = bind(config.listen_address, config.listen_backlog)?;
-        poll.registry()
-            .register(
-                &mut admin_listener,
-                token::ADMIN_LISTENER,
-                Interest::READABLE,
-            )
+        let admin_listener = bind(config.listen_address, config.listen_backlog)?;
+        let admin = Admin::new(admin_listener, config.listen_address, poll.registry())
             .map_err(|e| Error::io("registering the admin listener", e))?;
-        info!("admin interface listening on {}", config.listen_address);
 
-        let (updates_tx, updates_rx) = mpsc::channel();
+        let mut pool = Pool::new(config.buffer_size, POOL_KEEP);
+        pool.set_splice(config.splice);
         let mut proxy = Proxy {
             poll,
-            waker,
-            pool: {
-                let mut pool = Pool::new(config.buffer_size, POOL_KEEP);
-                pool.set_splice(config.splice);
-                pool
-            },
+            pool,
             config: config.clone(),
             config_path,
             verbosity,
-            updates_tx,
-            updates_rx,
             signals,
-            admin_listener,
-            admin_accept_ready: false,
-            admins: Slab::new(),
+            admin,
             listeners: Slab::new(),
+            accept: Accept::new(),
             sessions: Slab::new(),
-            clusters: BTreeMap::new(),
+            clusters: Clusters::new(waker),
             timers: Timers::default(),
             run_queue: Vec::new(),
             closed_sessions: Vec::new(),
-            closed_admins: Vec::new(),
             next_id: 1,
-            next_updater_id: 1,
-            next_request_id: 1,
-            accept_paused: false,
-            accept_backoff: ACCEPT_PAUSE_MIN,
-            accept_more: false,
-            at_capacity: false,
             drain_deadline: None,
             exit_now: false,
-            reload_requested: false,
-            refresh_requested: false,
         };
         for (cluster, port) in config.ports() {
             let socket = bind(port.listen, config.listen_backlog)?;
             proxy.add_listener(socket, cluster, port)?;
         }
         for cluster in &config.clusters {
-            proxy.start_cluster(cluster)?;
+            proxy.clusters.start(&config, cluster)?;
         }
         proxy.check_fd_limit();
         proxy
@@ -216,7 +157,7 @@ impl Proxy {
         ));
         loop {
             let now = Instant::now();
-            let timeout = if !self.run_queue.is_empty() || self.accept_more {
+            let timeout = if !self.run_queue.is_empty() || self.accept.more {
                 Some(Duration::ZERO)
             } else {
                 self.timers.next_timeout(now)
@@ -238,7 +179,7 @@ impl Proxy {
                             l.accept_ready = true;
                         }
                     }
-                    Some(token::Target::AdminListener) => self.admin_accept_ready = true,
+                    Some(token::Target::AdminListener) => self.admin.front.accept_ready = true,
                     Some(token::Target::Waker) => woken = true,
                     Some(token::Target::Signals) => signalled = true,
                     // Sporadic events happen (mio docs); nothing to do.
@@ -286,15 +227,9 @@ impl Proxy {
             // Dropping the session closes its sockets.
             self.sessions.try_remove(key);
         }
-        for key in self.closed_admins.drain(..) {
-            if let Some(mut a) = self.admins.try_remove(key) {
-                let _ = self.poll.registry().deregister(&mut a.sock);
-            }
-        }
-        if self.at_capacity && self.sessions.len() < self.config.max_connections {
-            self.at_capacity = false;
-            info!("below max_connections again; accepting");
-        }
+        self.admin.front.reap(self.poll.registry());
+        self.accept
+            .check_capacity(self.sessions.len(), self.config.max_connections);
     }
 
     // ---- timers -----------------------------------------------------------
@@ -304,8 +239,8 @@ impl Proxy {
         for t in self.timers.expired(now) {
             match t {
                 Timer::Session(key, id) => self.session_deadline(key, id, now),
-                Timer::Admin(key, id) => self.admin_deadline(key, id),
-                Timer::AcceptResume => self.accept_paused = false,
+                Timer::Admin(key, id) => self.admin_deadline(key, id, now),
+                Timer::AcceptResume => self.accept.paused = false,
                 Timer::Housekeeping => {
                     self.housekeeping(now);
                     self.timers.add(now + HOUSEKEEPING, Timer::Housekeeping);
@@ -318,11 +253,11 @@ impl Proxy {
     /// Drops timer entries whose owner is gone or has moved its deadline,
     /// once they outnumber the live sessions (see `timer`'s module docs).
     fn compact_timers(&mut self) {
-        let live = self.sessions.len() + self.admins.len();
+        let live = self.sessions.len() + self.admin.front.conns.len();
         if self.timers.len() <= 2 * live + 64 {
             return;
         }
-        let (sessions, admins) = (&self.sessions, &self.admins);
+        let (sessions, admins) = (&self.sessions, &self.admin.front.conns);
         self.timers.retain(|at, t| match t {
             Timer::Session(key, id) => sessions
                 .get(key)
@@ -332,13 +267,5 @@ impl Proxy {
                 .is_some_and(|a| a.id == id && a.deadline == at),
             Timer::AcceptResume | Timer::Housekeeping | Timer::Drain => true,
         });
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        for (_, c) in std::mem::take(&mut self.clusters) {
-            c.updater.stop();
-        }
     }
 }

@@ -3,60 +3,108 @@
 
 use super::*;
 
-impl Proxy {
-    // ---- accepting --------------------------------------------------------
+/// Connections accepted per listener per loop turn.
+const ACCEPT_BATCH: usize = 256;
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(100);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
+/// Whether the loop may accept, and why not.
+pub struct Accept {
+    /// An accept failed (EMFILE and the like): wait for `AcceptResume`.
+    pub paused: bool,
+    /// The next pause, doubled per failure in a row up to a second.
+    backoff: Duration,
+    /// A listener still had connections when its batch ended: poll again
+    /// at once.
+    pub more: bool,
+    /// At `max_connections`: new clients wait in the backlog.
+    at_capacity: bool,
+}
+
+impl Accept {
+    pub fn new() -> Accept {
+        Accept {
+            paused: false,
+            backoff: ACCEPT_PAUSE_MIN,
+            more: false,
+            at_capacity: false,
+        }
+    }
+
+    /// Notes the session count; logs the transitions in and out of the cap.
+    /// False when no client may be accepted now.
+    fn below_cap(&mut self, sessions: usize, max: usize) -> bool {
+        if sessions >= max {
+            if !self.at_capacity {
+                self.at_capacity = true;
+                warn!("max_connections={max} reached; new clients wait in the backlog");
+            }
+            return false;
+        }
+        true
+    }
+
+    /// After the reap: below the cap again?
+    pub fn check_capacity(&mut self, sessions: usize, max: usize) {
+        if self.at_capacity && sessions < max {
+            self.at_capacity = false;
+            info!("below max_connections again; accepting");
+        }
+    }
+
+    /// Pauses after a failed accept (logged once per episode); returns how
+    /// long to wait before the next try.
+    fn pause(&mut self, e: &io::Error, sessions: usize) -> Duration {
+        let backoff = self.backoff;
+        if backoff == ACCEPT_PAUSE_MIN {
+            error!("accept failed: {e}; pausing accepts (sessions={sessions})");
+        }
+        self.paused = true;
+        self.backoff = (backoff * 2).min(ACCEPT_PAUSE_MAX);
+        backoff
+    }
+}
+
+impl Proxy {
     pub(super) fn accept_clients(&mut self) {
-        self.accept_more = false;
-        if self.accept_paused || self.drain_deadline.is_some() {
+        self.accept.more = false;
+        if self.accept.paused || self.drain_deadline.is_some() {
             return;
         }
         for lk in 0..self.listeners.capacity() {
             let mut accepted = 0;
             while let Some(l) = self.listeners.get_mut(lk).filter(|l| l.accept_ready) {
-                if self.sessions.len() >= self.config.max_connections {
-                    if !self.at_capacity {
-                        self.at_capacity = true;
-                        warn!(
-                            "max_connections={} reached; new clients wait in the backlog",
-                            self.config.max_connections
-                        );
-                    }
+                if !self
+                    .accept
+                    .below_cap(self.sessions.len(), self.config.max_connections)
+                {
                     return;
                 }
                 if accepted == ACCEPT_BATCH {
-                    self.accept_more = true;
+                    self.accept.more = true;
                     break;
                 }
                 match l.socket.accept() {
                     Ok((sock, peer)) => {
                         accepted += 1;
-                        self.accept_backoff = ACCEPT_PAUSE_MIN;
+                        self.accept.backoff = ACCEPT_PAUSE_MIN;
                         self.new_session(lk, sock, peer);
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => l.accept_ready = false,
-                    Err(e) if accept_retry(&e) => {}
-                    Err(e) => return self.pause_accepting(&e),
+                    Err(e) => match sys::accept_error(&e) {
+                        sys::AcceptError::WouldBlock => l.accept_ready = false,
+                        sys::AcceptError::Retry => {}
+                        // The pending connection stays in the backlog and,
+                        // edge-triggered, no new event will come for it:
+                        // retry on a timer.
+                        sys::AcceptError::Pause => {
+                            let wait = self.accept.pause(&e, self.sessions.len());
+                            self.timers.add(Instant::now() + wait, Timer::AcceptResume);
+                            return;
+                        }
+                    },
                 }
             }
         }
-    }
-
-    /// Out of file descriptors (or another accept failure): the pending
-    /// connection stays in the backlog and, edge-triggered, no new event
-    /// will come for it, so retry on a timer.
-    pub(super) fn pause_accepting(&mut self, e: &io::Error) {
-        let backoff = self.accept_backoff;
-        if backoff == ACCEPT_PAUSE_MIN {
-            error!(
-                "accept failed: {e}; pausing accepts (sessions={})",
-                self.sessions.len()
-            );
-        }
-        self.accept_paused = true;
-        self.accept_backoff = (backoff * 2).min(ACCEPT_PAUSE_MAX);
-        self.timers
-            .add(Instant::now() + backoff, Timer::AcceptResume);
     }
 
     pub(super) fn new_session(&mut self, lk: usize, sock: TcpStream, peer: SocketAddr) {
@@ -97,10 +145,7 @@ impl Proxy {
         let Some(l) = self.listeners.get_mut(lk) else {
             return;
         };
-        let topo = self
-            .clusters
-            .get(&l.cluster)
-            .and_then(|c| c.topology.as_ref());
+        let topo = self.clusters.topology(&l.cluster);
         let routable = topo
             .map(|t| topology::routable(t, &l.filter))
             .unwrap_or_default();
@@ -263,7 +308,7 @@ impl Proxy {
     pub(super) fn check_fd_limit(&self) {
         let wanted = self.config.max_connections as u64 * 2
             + self.listeners.len() as u64
-            + MAX_ADMIN as u64
+            + admin::MAX_ADMIN_CONNS as u64
             + 64;
         match sys::raise_nofile_limit(wanted) {
             Ok((soft, _)) if soft < wanted => warn!(
@@ -275,16 +320,6 @@ impl Proxy {
             Err(e) => warn!("cannot read the open files limit: {e}"),
         }
     }
-}
-
-/// An accept error after which the next accept may well succeed: a signal,
-/// or a client that gave up while queued. Anything else (EMFILE, ENFILE,
-/// ENOBUFS, ENOMEM) leaves the connection in the backlog.
-pub(super) fn accept_retry(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-    )
 }
 
 pub(super) fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {

@@ -19,7 +19,7 @@ impl Proxy {
             }
         }
         let mut clusters = serde_json::Map::new();
-        for (name, c) in &self.clusters {
+        for (name, c) in self.clusters.iter() {
             let listeners: Vec<(usize, &Listener)> = self
                 .listeners
                 .iter()
