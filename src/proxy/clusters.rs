@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn, Level};
 use mio::Waker;
 
+use super::stats::ClusterStats;
 use super::Proxy;
 use crate::config::{ClusterConfig, Config};
 use crate::error::{Error, Result};
@@ -34,6 +35,9 @@ pub struct ClusterState {
     /// Beyond `topology_ttl` without a successful poll: refuse new clients.
     pub stale: bool,
     stale_logged: Option<Instant>,
+    /// The last leader seen, kept across polls without one.
+    last_leader: Option<String>,
+    pub stats: ClusterStats,
 }
 
 /// Every configured cluster, by name, and the channel their updaters send on.
@@ -104,6 +108,8 @@ impl Clusters {
                         last_error: None,
                         stale: false,
                         stale_logged: None,
+                        last_leader: None,
+                        stats: ClusterStats::default(),
                     },
                 );
             }
@@ -221,8 +227,10 @@ impl Clusters {
         if c.updater.id != updater {
             return false; // from an updater a reload replaced
         }
+        c.stats.polls += 1;
         let polled = match outcome {
             Err(e) => {
+                c.stats.poll_errors += 1;
                 c.last_error = Some(e);
                 return false;
             }
@@ -247,6 +255,12 @@ impl Clusters {
         }
         if topo.paused && !c.topology.as_ref().is_some_and(|t| t.paused) {
             info!("cluster={cluster} is in maintenance mode (pause)");
+        }
+        if let Some(leader) = topo.leader().map(|m| &m.name) {
+            if c.last_leader.as_ref().is_some_and(|l| l != leader) {
+                c.stats.leader_changes += 1;
+            }
+            c.last_leader = Some(leader.clone());
         }
         c.topology = Some(topo);
         true

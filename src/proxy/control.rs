@@ -54,7 +54,7 @@ impl Proxy {
             .map(|(k, _)| k)
             .collect();
         for k in waiting {
-            self.close_session(k, "shutting down", Level::Debug);
+            self.close_session(k, CloseReason::Shutdown, "shutting down", Level::Debug);
         }
         info!(
             "stop signal: no longer accepting; waiting up to {:.0}s for {} sessions to finish",

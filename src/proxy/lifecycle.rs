@@ -20,6 +20,11 @@ impl Proxy {
                 Connect::Pending => return,
                 Connect::Failed(e) => return self.connect_failed(key, &e.to_string()),
                 Connect::Done => {
+                    if let (Some(l), Some(t)) = (self.listeners.get_mut(s.listener), &s.target) {
+                        if let Some(m) = l.backends.member_stats(t) {
+                            m.connects += 1;
+                        }
+                    }
                     s.phase = Phase::Streaming;
                     s.deadline = None;
                     debug!(
@@ -41,6 +46,15 @@ impl Proxy {
             return;
         }
         let pumped = s.pump(&mut self.pool, PUMP_BUDGET);
+        // Bytes count for the member the session is on (what the client
+        // sent while waiting counts for the first one).
+        if let (Some(l), Some(t)) = (self.listeners.get_mut(s.listener), &s.target) {
+            if let Some(m) = l.backends.member_stats(t) {
+                m.bytes_up += s.bytes_up - s.counted.0;
+                m.bytes_down += s.bytes_down - s.counted.1;
+                s.counted = (s.bytes_up, s.bytes_down);
+            }
+        }
         log::trace!(
             "session={} phase={:?} pumped={pumped:?} client=(r{} w{} eof{} shut{}) backend={:?}",
             s.id,
@@ -58,6 +72,7 @@ impl Proxy {
                 if s.phase == Phase::Waiting && s.client.read_eof && s.to_backend.is_empty() {
                     self.close_session(
                         key,
+                        CloseReason::ClientLeft,
                         "client left while waiting for a backend",
                         Level::Debug,
                     );
@@ -69,29 +84,36 @@ impl Proxy {
                     self.run_queue.push(key);
                 }
             }
-            Pumped::HalfClosed => {
+            Pumped::HalfClosed(by) => {
+                s.fin_by.get_or_insert(by);
                 if s.deadline.is_none() {
                     let at = Instant::now() + FIN_TIMEOUT;
                     s.deadline = Some(at);
                     self.timers.add(at, Timer::Session(key, s.id));
                 }
             }
-            Pumped::Finished => self.close_session(key, "finished", Level::Debug),
-            Pumped::Refused(why) => self.retry_refused(key, &why, STARTUP_RETRY, false),
+            Pumped::Finished => {
+                let reason = match s.fin_by {
+                    Some(Side::Backend) => CloseReason::Server,
+                    _ => CloseReason::Client,
+                };
+                self.close_session(key, reason, "finished", Level::Debug)
+            }
+            Pumped::Refused(why) => self.retry_refused(key, &why, STARTUP_RETRY, None),
             // The backend failed while the start-up was still held back:
             // the client has seen nothing of it, so try another connect.
             Pumped::Failed(Side::Backend, e) if s.startup.is_some() => {
                 let why = format!("backend error during the start-up: {e}");
-                self.retry_refused(key, &why, STARTUP_RETRY, false);
+                self.retry_refused(key, &why, STARTUP_RETRY, None);
             }
             Pumped::Failed(side, e) => {
                 let level = sys::close_level(&e);
-                let side = if side == Side::Client {
-                    "client"
+                let (reason, side) = if side == Side::Client {
+                    (CloseReason::ClientError, "client")
                 } else {
-                    "backend"
+                    (CloseReason::ServerError, "backend")
                 };
-                self.close_session(key, &format!("{side} error: {e}"), level);
+                self.close_session(key, reason, &format!("{side} error: {e}"), level);
             }
         }
     }
@@ -120,21 +142,25 @@ impl Proxy {
             .map(|(k, _)| k)
             .collect();
         for key in waiting {
-            self.close_session(key, "topology stale", Level::Info);
+            self.close_session(key, CloseReason::Stale, "topology stale", Level::Info);
         }
     }
 
-    pub(super) fn close_session(&mut self, key: usize, reason: &str, level: Level) {
+    pub(super) fn close_session(
+        &mut self,
+        key: usize,
+        reason: CloseReason,
+        detail: &str,
+        level: Level,
+    ) {
         let Some(s) = self.sessions.get_mut(key) else {
             return;
         };
         if s.phase == Phase::Closed {
             return;
         }
-        let label = self
-            .listeners
-            .get(s.listener)
-            .map_or("?", |l| l.label.as_str());
+        let l = self.listeners.get_mut(s.listener);
+        let label = l.as_ref().map_or("?", |l| l.label.as_str());
         log!(
             level,
             "session={} port={} client={} backend={} closed reason={:?} bytes_up={} bytes_down={}",
@@ -142,13 +168,18 @@ impl Proxy {
             label,
             s.client_addr,
             describe_target(&s.target),
-            reason,
+            detail,
             s.bytes_up,
             s.bytes_down
         );
-        if let Some(t) = s.target.take() {
-            if let Some(l) = self.listeners.get_mut(s.listener) {
-                l.release(&t);
+        if let Some(l) = l {
+            if s.phase == Phase::Streaming && !s.retry_pending {
+                l.stats.closed.add(reason);
+            } else {
+                l.stats.refused.add(reason);
+            }
+            if let Some(t) = s.target.take() {
+                l.backends.release(&t);
             }
         }
         s.close(self.poll.registry(), &mut self.pool);
@@ -173,20 +204,21 @@ impl Proxy {
         };
         s.retry_pending = false;
         let Some(l) = listeners.get_mut(s.listener) else {
-            return self.close_session(key, "port removed", Level::Debug);
+            return self.close_session(key, CloseReason::PortClosed, "port removed", Level::Debug);
         };
         if clusters.is_stale(&l.cluster) {
             let label = l.label.clone();
             return self.close_session(
                 key,
+                CloseReason::Stale,
                 &format!(
                     "topology of {label} is stale (Patroni API unreachable beyond topology_ttl)"
                 ),
                 Level::Info,
             );
         }
-        while let Some(target) = l.pick(&s.tried) {
-            match open_backend(target.1, keepalive.as_ref()) {
+        while let Some(target) = l.backends.pick(&s.tried) {
+            match open_backend(target.addr, keepalive.as_ref()) {
                 Ok(sock) => {
                     let mut ep = Endpoint::new(sock);
                     let tok = token::session(key, Side::Backend);
@@ -195,9 +227,9 @@ impl Proxy {
                         tok,
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        l.release(&target);
+                        l.backends.release(&target);
                         warn!("session={} registering backend socket: {e}", s.id);
-                        s.tried.push(target.1);
+                        s.tried.push(target.addr);
                         continue;
                     }
                     s.backend = Some(ep);
@@ -209,6 +241,11 @@ impl Proxy {
                     // buffered startup packet leaves without delay.
                     match s.check_connect() {
                         Connect::Done => {
+                            if let Some(m) =
+                                s.target.as_ref().and_then(|t| l.backends.member_stats(t))
+                            {
+                                m.connects += 1;
+                            }
                             s.phase = Phase::Streaming;
                             // A held client's wait deadline no longer applies.
                             s.deadline = None;
@@ -233,8 +270,11 @@ impl Proxy {
                 }
                 Err(e) => {
                     log_connect_failure(s, &l.label, &target, &e);
-                    l.release(&target);
-                    s.tried.push(target.1);
+                    if let Some(m) = l.backends.member_stats(&target) {
+                        m.connect_failures += 1;
+                    }
+                    l.backends.release(&target);
+                    s.tried.push(target.addr);
                 }
             }
         }
@@ -248,6 +288,7 @@ impl Proxy {
             if retry_at > since + l.wait {
                 return self.close_session(
                     key,
+                    CloseReason::ConnectFailed,
                     "every routable member failed to connect",
                     Level::Info,
                 );
@@ -266,12 +307,18 @@ impl Proxy {
             return;
         }
         if l.wait.is_zero() {
-            return self.close_session(key, "no routable member", Level::Info);
+            return self.close_session(
+                key,
+                CloseReason::NoMember,
+                "no routable member",
+                Level::Info,
+            );
         }
         let at = *s.waiting_since.get_or_insert(now) + l.wait;
         if at <= now {
             return self.close_session(
                 key,
+                CloseReason::NoMember,
                 "no routable member within backend_wait_timeout",
                 Level::Info,
             );
@@ -294,7 +341,13 @@ impl Proxy {
     /// leader. The client sees nothing of the refused attempt.
     /// `evicted`: the member lost its role (rather than refused); without a
     /// retry such a session is closed, not relayed.
-    pub(super) fn retry_refused(&mut self, key: usize, why: &str, delay: Duration, evicted: bool) {
+    pub(super) fn retry_refused(
+        &mut self,
+        key: usize,
+        why: &str,
+        delay: Duration,
+        evicted: Option<CloseReason>,
+    ) {
         let now = Instant::now();
         let Some(s) = self.sessions.get_mut(key) else {
             return;
@@ -309,8 +362,8 @@ impl Proxy {
         let at = now + delay;
         let in_time = at <= s.waiting_since.unwrap_or(now) + wait;
         if !in_time || !s.prepare_replay(self.poll.registry(), &mut self.pool) {
-            if evicted {
-                return self.close_session(key, why, Level::Debug);
+            if let Some(reason) = evicted {
+                return self.close_session(key, reason, why, Level::Debug);
             }
             // No retry: the client gets the refusal as the server sent it.
             info!("session={} port={label} backend={member} refused the start-up ({why}); relaying it", s.id);
@@ -318,8 +371,9 @@ impl Proxy {
             return self.pump(key);
         }
         if let (Some(t), Some(l)) = (s.target.take(), self.listeners.get_mut(s.listener)) {
-            l.release(&t);
+            l.backends.release(&t);
         }
+        self.stats.startup_retries += 1;
         info!(
             "session={} port={label} backend={member} refused the start-up ({why}); retrying in {} ms",
             s.id,
@@ -346,9 +400,12 @@ impl Proxy {
                 &t,
                 &format_args!("{why}; trying the next member"),
             );
-            s.tried.push(t.1);
+            s.tried.push(t.addr);
             if let Some(l) = l {
-                l.release(&t);
+                if let Some(m) = l.backends.member_stats(&t) {
+                    m.connect_failures += 1;
+                }
+                l.backends.release(&t);
             }
         }
         s.phase = Phase::Waiting;
@@ -368,11 +425,17 @@ impl Proxy {
             Phase::Waiting if s.retry_pending => self.route(key),
             Phase::Waiting => self.close_session(
                 key,
+                CloseReason::NoMember,
                 "no routable member within backend_wait_timeout",
                 Level::Info,
             ),
             Phase::Connecting => self.connect_failed(key, "connect timeout"),
-            Phase::Streaming => self.close_session(key, "half-closed for too long", Level::Debug),
+            Phase::Streaming => self.close_session(
+                key,
+                CloseReason::FinTimeout,
+                "half-closed for too long",
+                Level::Debug,
+            ),
             Phase::Closed => {}
         }
     }
@@ -395,14 +458,14 @@ pub(super) fn log_connect_failure(
         level,
         "session={} port={label} member={} addr={} connect failed: {why}",
         s.id,
-        target.0,
-        target.1
+        target.member,
+        target.addr
     );
 }
 
 pub(super) fn describe_target(t: &Option<Target>) -> String {
     t.as_ref()
-        .map_or_else(|| "-".to_string(), |(m, a)| format!("{m}@{a}"))
+        .map_or_else(|| "-".to_string(), |t| t.to_string())
 }
 
 pub(super) fn open_backend(

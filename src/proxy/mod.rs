@@ -27,6 +27,7 @@ mod lifecycle;
 mod listener;
 mod ports;
 mod session;
+mod stats;
 mod status;
 mod sys;
 mod timer;
@@ -43,7 +44,6 @@ use log::{debug, error, info, log, warn, Level};
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
-use serde_json::{json, Value};
 use slab::Slab;
 
 use crate::config::{self, ClusterConfig, Config, PortConfig};
@@ -58,6 +58,7 @@ use clusters::Clusters;
 use listener::{Listener, Target};
 use ports::{bind, Accept};
 use session::{Connect, Endpoint, Phase, Pumped, Session};
+use stats::{CloseReason, ProxyStats};
 use timer::{Timer, Timers};
 use token::Side;
 
@@ -90,6 +91,7 @@ pub struct Proxy {
     run_queue: Vec<usize>,
     closed_sessions: Vec<usize>,
     next_id: u64,
+    stats: ProxyStats,
     drain_deadline: Option<Instant>,
     exit_now: bool,
 }
@@ -129,6 +131,7 @@ impl Proxy {
             run_queue: Vec::new(),
             closed_sessions: Vec::new(),
             next_id: 1,
+            stats: ProxyStats::default(),
             drain_deadline: None,
             exit_now: false,
         };

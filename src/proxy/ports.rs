@@ -98,6 +98,7 @@ impl Proxy {
                         // retry on a timer.
                         sys::AcceptError::Pause => {
                             let wait = self.accept.pause(&e, self.sessions.len());
+                            self.stats.accept_pauses += 1;
                             self.timers.add(Instant::now() + wait, Timer::AcceptResume);
                             return;
                         }
@@ -127,6 +128,9 @@ impl Proxy {
             return;
         }
         entry.insert(s);
+        if let Some(l) = self.listeners.get_mut(lk) {
+            l.stats.accepted += 1;
+        }
         self.route(key);
     }
 
@@ -149,21 +153,28 @@ impl Proxy {
         let routable = topo
             .map(|t| topology::routable(t, &l.filter))
             .unwrap_or_default();
-        let mut evicted: Vec<(Target, String)> = Vec::new();
-        for b in &l.backends {
+        let mut evicted: Vec<(Target, CloseReason, String)> = Vec::new();
+        for b in &l.backends.list {
             if !routable.iter().any(|r| b.is(r)) {
-                let reason = match topo.and_then(|t| t.member(&b.member).map(|m| (t, m))) {
-                    None => "removed from the cluster".to_string(),
+                let (category, reason) = match topo
+                    .and_then(|t| t.member(&b.member).map(|m| (t, m)))
+                {
+                    None => (CloseReason::Removed, "removed from the cluster".to_string()),
                     Some((t, m)) => match topology::eligibility(t, m, &l.filter) {
-                        Err(x) => x.to_string(),
-                        Ok(addr) => format!("address changed to {addr}"),
+                        Err(x) => (eviction_reason(&x), x.to_string()),
+                        Ok(addr) => (CloseReason::Removed, format!("address changed to {addr}")),
                     },
                 };
-                evicted.push(((b.member.clone(), b.addr), reason));
+                let target = Target {
+                    member: b.member.clone(),
+                    addr: b.addr,
+                    slot: b.slot,
+                };
+                evicted.push((target, category, reason));
             }
         }
         for r in &routable {
-            match l.backends.iter().find(|b| b.is(r)) {
+            match l.backends.list.iter().find(|b| b.is(r)) {
                 None => info!(
                     "port={} member={} addr={} routable{}",
                     l.label,
@@ -184,8 +195,8 @@ impl Proxy {
                 Some(_) => {}
             }
         }
-        l.set_backends(&routable);
-        let has_backends = l.has_open_backend();
+        l.backends.set(&routable);
+        let has_backends = l.backends.has_open();
         let label = l.label.clone();
 
         let mut close = Vec::new();
@@ -196,15 +207,15 @@ impl Proxy {
             match s.phase {
                 Phase::Streaming | Phase::Connecting => {
                     let Some(t) = &s.target else { continue };
-                    if let Some((_, why)) = evicted.iter().find(|(e, _)| e == t) {
+                    if let Some((_, reason, why)) = evicted.iter().find(|(e, ..)| e == t) {
                         if s.phase == Phase::Connecting {
                             reroute.push(k);
                         } else if s.startup.is_some() {
                             // Nothing but the start-up happened yet: replay
                             // it elsewhere instead of failing the client.
-                            replay.push((k, why.clone()));
+                            replay.push((k, *reason, why.clone()));
                         } else {
-                            close.push((k, why.clone()));
+                            close.push((k, *reason, why.clone()));
                         }
                     }
                 }
@@ -212,31 +223,35 @@ impl Proxy {
                 _ => {}
             }
         }
-        for ((member, addr), why) in &evicted {
+        for (t, _, why) in &evicted {
             let n = close
                 .iter()
-                .filter(|(k, _)| {
+                .filter(|(k, ..)| {
                     self.sessions[*k]
                         .target
                         .as_ref()
-                        .is_some_and(|t| *t.0 == **member)
+                        .is_some_and(|s| s.member == t.member)
                 })
                 .count();
-            info!("port={label} member={member} addr={addr} no longer routable ({why}); closing {n} sessions");
+            info!(
+                "port={label} member={} addr={} no longer routable ({why}); closing {n} sessions",
+                t.member, t.addr
+            );
         }
-        for (k, why) in close {
+        for (k, reason, why) in close {
             self.close_session(
                 k,
+                reason,
                 &format!("member no longer routable: {why}"),
                 Level::Debug,
             );
         }
-        for (k, why) in replay {
+        for (k, reason, why) in replay {
             self.retry_refused(
                 k,
                 &format!("member no longer routable: {why}"),
                 Duration::ZERO,
-                true,
+                Some(reason),
             );
         }
         for k in reroute {
@@ -286,6 +301,7 @@ impl Proxy {
 
     /// Closes every session of listener `lk`.
     pub(super) fn close_listener_sessions(&mut self, lk: usize, why: &str) {
+        // Sessions of a port that a reload removed or moved to another cluster.
         let keys: Vec<usize> = self
             .sessions
             .iter()
@@ -293,7 +309,7 @@ impl Proxy {
             .map(|(k, _)| k)
             .collect();
         for k in keys {
-            self.close_session(k, why, Level::Debug);
+            self.close_session(k, CloseReason::PortClosed, why, Level::Debug);
         }
     }
 
@@ -319,6 +335,18 @@ impl Proxy {
             Ok((soft, _)) => debug!("open files limit {soft}"),
             Err(e) => warn!("cannot read the open files limit: {e}"),
         }
+    }
+}
+
+/// The close reason of a session whose member stopped being routable.
+fn eviction_reason(x: &topology::Exclusion) -> CloseReason {
+    match x {
+        topology::Exclusion::LagUnknown | topology::Exclusion::LagOver { .. } => CloseReason::Lag,
+        topology::Exclusion::NoAddress => CloseReason::Removed,
+        topology::Exclusion::Role(_)
+        | topology::Exclusion::SplitBrain
+        | topology::Exclusion::State(_)
+        | topology::Exclusion::NoLoadBalance => CloseReason::RoleLost,
     }
 }
 

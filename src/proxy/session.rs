@@ -113,8 +113,9 @@ pub enum Pumped {
     Idle,
     /// The byte budget ran out with work left: run again soon.
     Budget,
-    /// One direction is shut, the other still open.
-    HalfClosed,
+    /// One direction is shut (the side that ended it first), the other
+    /// still open.
+    HalfClosed(Side),
     /// Both directions shut: the session is over.
     Finished,
     /// A socket failed.
@@ -143,6 +144,10 @@ pub struct Session {
     pub to_client: Slot,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// `(bytes_up, bytes_down)` already added to the member's counters.
+    pub counted: (u64, u64),
+    /// Which side ended its direction first (for the close reason).
+    pub fin_by: Option<Side>,
     /// On the run queue already.
     pub queued: bool,
     /// The PostgreSQL start-up under way, until the server's first real
@@ -199,10 +204,21 @@ impl Session {
             to_client: Slot::Empty,
             bytes_up: 0,
             bytes_down: 0,
+            counted: (0, 0),
+            fin_by: None,
             queued: false,
             startup: replay.then(Box::default),
             retry_pending: false,
         }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// Waiting for a routable member, or for a retry.
+    pub fn is_held(&self) -> bool {
+        self.phase == Phase::Waiting
     }
 
     pub fn mark(&mut self, side: Side, ev: &Event) {
@@ -352,7 +368,8 @@ impl Session {
         match (up_done, down_done) {
             (true, true) => Pumped::Finished,
             _ if up.1 || down.1 => Pumped::Budget,
-            (true, false) | (false, true) => Pumped::HalfClosed,
+            (true, false) => Pumped::HalfClosed(Side::Client),
+            (false, true) => Pumped::HalfClosed(Side::Backend),
             (false, false) => Pumped::Idle,
         }
     }
