@@ -3,7 +3,22 @@
 //! (SIGTERM: stop accepting, let sessions finish within `shutdown_timeout`),
 //! refresh (SIGUSR1) and exit (SIGQUIT, or a second stop signal).
 
-use super::*;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use log::{error, info, warn, Level};
+use mio::net::TcpListener;
+
+use super::ports::bind;
+use super::session::Close;
+use super::stats::CloseReason;
+use super::timer::Timer;
+use super::Proxy;
+use crate::config;
+use crate::error::Result;
+use crate::notify;
+use crate::signals::Action;
 
 impl Proxy {
     pub(super) fn handle_signals(&mut self) {
@@ -50,11 +65,12 @@ impl Proxy {
         let waiting: Vec<usize> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.phase != Phase::Streaming)
+            .filter(|(_, s)| !s.is_streaming())
             .map(|(k, _)| k)
             .collect();
         for k in waiting {
-            self.close_session(k, CloseReason::Shutdown, "shutting down", Level::Debug);
+            let close = Close::new(CloseReason::Shutdown, "shutting down", Level::Debug);
+            self.close_session(k, close);
         }
         info!(
             "stop signal: no longer accepting; waiting up to {:.0}s for {} sessions to finish",

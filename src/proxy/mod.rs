@@ -11,6 +11,12 @@
 //!    byte budget), topology updates, signals (reload, drain), expired
 //!    timers, reaping closed sessions, and accepting new clients.
 //!
+//! Where each concern lives: `lifecycle.rs` carries out what a session's
+//! transitions (`session.rs`) decide; `ports.rs` accepts and refreshes
+//! ports; `clusters.rs` owns the updaters and topologies; `control.rs`
+//! reloads and drains; `admin.rs` serves the admin interface; `status.rs`
+//! renders read-only views of it all, and `stats.rs` holds the counters.
+//!
 //! Accepting and reaping happen after the batch because `slab` reuses the
 //! most recently freed key first: a stale event still in the batch for a
 //! closed session must never reach a new session that took its key (mio
@@ -26,55 +32,47 @@ mod control;
 mod lifecycle;
 mod listener;
 mod ports;
+mod relay;
 mod session;
+mod startup;
 mod stats;
 mod status;
 mod sys;
 mod timer;
 mod token;
 
-use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, log, warn, Level};
-use mio::event::Event;
-use mio::net::{TcpListener, TcpStream};
+use log::info;
 use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 
-use crate::config::{self, ClusterConfig, Config, PortConfig};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::notify;
-use crate::signals::{Action, Signals};
-use crate::topology;
+use crate::signals::Signals;
 
 use admin::Admin;
 use buffer::Pool;
 use clusters::Clusters;
-use listener::{Listener, Target};
+use listener::Listener;
 use ports::{bind, Accept};
-use session::{Connect, Endpoint, Phase, Pumped, Session};
-use stats::{CloseReason, ProxyStats};
+use session::Session;
+use stats::ProxyStats;
 use timer::{Timer, Timers};
-use token::Side;
 
-/// Bytes moved per direction per pump before other sessions get a turn.
-const PUMP_BUDGET: usize = 256 * 1024;
-/// How long a half-closed session may wait for the other direction.
-const FIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Free buffers the pool keeps.
 const POOL_KEEP: usize = 64;
+/// How often the housekeeping runs (staleness, dead updaters).
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
-/// How long a client waits before its refused start-up is retried.
-const STARTUP_RETRY: Duration = Duration::from_millis(250);
-/// How long a client waits before connecting again when every routable
-/// member failed to connect.
-const CONNECT_RETRY: Duration = Duration::from_millis(250);
 
+/// The event loop and everything it owns. Each room of `proxy/` adds the
+/// methods of its concern (`impl Proxy` in lifecycle.rs, ports.rs,
+/// clusters.rs, control.rs, admin.rs, status.rs) and owns its own state
+/// where it can (`Clusters`, `Admin`, `Accept`).
 pub struct Proxy {
     poll: Poll,
     config: Config,
@@ -264,7 +262,7 @@ impl Proxy {
         self.timers.retain(|at, t| match t {
             Timer::Session(key, id) => sessions
                 .get(key)
-                .is_some_and(|s| s.id == id && s.deadline == Some(at)),
+                .is_some_and(|s| s.id == id && s.phase.deadline() == Some(at)),
             Timer::Admin(key, id) => admins
                 .get(key)
                 .is_some_and(|a| a.id == id && a.deadline == at),

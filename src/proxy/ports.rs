@@ -1,7 +1,24 @@
-//! Listening ports: bind, add, remove, accept (with the EMFILE pause), and
-//! refresh a port's backends after a topology change.
+//! Listening ports: bind, add, remove, accept (with the EMFILE pause and
+//! the session cap), and refresh a port's backends after a topology change
+//! (which sessions lost their member, which waiting clients can go now).
 
-use super::*;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn, Level};
+use mio::net::{TcpListener, TcpStream};
+use mio::Interest;
+
+use super::listener::{Listener, Target};
+use super::session::{Close, Session, Verdict};
+use super::stats::CloseReason;
+use super::timer::Timer;
+use super::token::{self, Side};
+use super::{admin, sys, Proxy};
+use crate::config::{ClusterConfig, PortConfig};
+use crate::error::{Error, Result};
+use crate::topology::{self, Topology};
 
 /// Connections accepted per listener per loop turn.
 const ACCEPT_BATCH: usize = 256;
@@ -117,10 +134,17 @@ impl Proxy {
         self.next_id += 1;
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        let mut s = Session::new(id, lk, sock, peer, self.config.startup_replay);
+        let mut s = Session::new(
+            id,
+            lk,
+            sock,
+            peer,
+            self.config.startup_replay,
+            Instant::now(),
+        );
         let tok = token::session(key, Side::Client);
         if let Err(e) = self.poll.registry().register(
-            &mut s.client.sock,
+            &mut s.pair.client.sock,
             tok,
             Interest::READABLE | Interest::WRITABLE,
         ) {
@@ -149,121 +173,57 @@ impl Proxy {
         let Some(l) = self.listeners.get_mut(lk) else {
             return;
         };
-        let topo = self.clusters.topology(&l.cluster);
-        let routable = topo
-            .map(|t| topology::routable(t, &l.filter))
-            .unwrap_or_default();
-        let mut evicted: Vec<(Target, CloseReason, String)> = Vec::new();
-        for b in &l.backends.list {
-            if !routable.iter().any(|r| b.is(r)) {
-                let (category, reason) = match topo
-                    .and_then(|t| t.member(&b.member).map(|m| (t, m)))
-                {
-                    None => (CloseReason::Removed, "removed from the cluster".to_string()),
-                    Some((t, m)) => match topology::eligibility(t, m, &l.filter) {
-                        Err(x) => (eviction_reason(&x), x.to_string()),
-                        Ok(addr) => (CloseReason::Removed, format!("address changed to {addr}")),
-                    },
-                };
-                let target = Target {
-                    member: b.member.clone(),
-                    addr: b.addr,
-                    slot: b.slot,
-                };
-                evicted.push((target, category, reason));
-            }
-        }
-        for r in &routable {
-            match l.backends.list.iter().find(|b| b.is(r)) {
-                None => info!(
-                    "port={} member={} addr={} routable{}",
-                    l.label,
-                    r.member,
-                    r.addr,
-                    if r.draining { " but draining" } else { "" }
-                ),
-                Some(b) if b.draining != r.draining => info!(
-                    "port={} member={} {}",
-                    l.label,
-                    r.member,
-                    if r.draining {
-                        "draining: a leader without timeline (Patroni is demoting or restarting it); new clients wait"
-                    } else {
-                        "no longer draining; taking new clients"
-                    }
-                ),
-                Some(_) => {}
-            }
-        }
-        l.backends.set(&routable);
-        let has_backends = l.backends.has_open();
+        let evicted = refresh_backends(l, self.clusters.topology(&l.cluster));
+        let has_open = l.backends.has_open();
         let label = l.label.clone();
-
-        let mut close = Vec::new();
-        let mut reroute = Vec::new();
-        let mut replay = Vec::new();
-        let mut start = Vec::new();
-        for (k, s) in self.sessions.iter().filter(|(_, s)| s.listener == lk) {
-            match s.phase {
-                Phase::Streaming | Phase::Connecting => {
-                    let Some(t) = &s.target else { continue };
-                    if let Some((_, reason, why)) = evicted.iter().find(|(e, ..)| e == t) {
-                        if s.phase == Phase::Connecting {
-                            reroute.push(k);
-                        } else if s.startup.is_some() {
-                            // Nothing but the start-up happened yet: replay
-                            // it elsewhere instead of failing the client.
-                            replay.push((k, *reason, why.clone()));
-                        } else {
-                            close.push((k, *reason, why.clone()));
-                        }
-                    }
-                }
-                Phase::Waiting if has_backends => start.push(k),
-                _ => {}
+        let mut verdicts: Vec<(usize, Verdict)> = Vec::new();
+        for (k, s) in self.sessions.iter() {
+            if s.listener != lk || s.is_closed() {
+                continue;
+            }
+            let gone = s
+                .target
+                .as_ref()
+                .and_then(|t| evicted.iter().find(|e| e.target == *t));
+            let v = match gone {
+                Some(e) => s.on_evicted(Close::new(
+                    e.reason,
+                    format!("member no longer routable: {}", e.why),
+                    Level::Debug,
+                )),
+                None if has_open => s.on_member_available(),
+                None => Verdict::Nothing,
+            };
+            if v != Verdict::Nothing {
+                verdicts.push((k, v));
             }
         }
-        for (t, _, why) in &evicted {
-            let n = close
+        for e in &evicted {
+            let n = verdicts
                 .iter()
-                .filter(|(k, ..)| {
-                    self.sessions[*k]
-                        .target
-                        .as_ref()
-                        .is_some_and(|s| s.member == t.member)
+                .filter(|(k, v)| {
+                    matches!(v, Verdict::Close(_))
+                        && self.sessions[*k]
+                            .target
+                            .as_ref()
+                            .is_some_and(|t| t.member == e.target.member)
                 })
                 .count();
             info!(
-                "port={label} member={} addr={} no longer routable ({why}); closing {n} sessions",
-                t.member, t.addr
+                "port={label} member={} addr={} no longer routable ({}); closing {n} sessions",
+                e.target.member, e.target.addr, e.why
             );
         }
-        for (k, reason, why) in close {
-            self.close_session(
-                k,
-                reason,
-                &format!("member no longer routable: {why}"),
-                Level::Debug,
-            );
-        }
-        for (k, reason, why) in replay {
-            self.retry_refused(
-                k,
-                &format!("member no longer routable: {why}"),
-                Duration::ZERO,
-                Some(reason),
-            );
-        }
-        for k in reroute {
-            if let Some(s) = self.sessions.get_mut(k) {
-                s.drop_backend(self.poll.registry());
-                s.target = None; // its backend is gone from the list: nothing to release
-                s.phase = Phase::Waiting;
-                self.route(k);
-            }
-        }
-        for k in start {
-            self.route(k);
+        // Closes first (they free least-connections counters), then replays,
+        // re-routes and waiting clients.
+        verdicts.sort_by_key(|(_, v)| match v {
+            Verdict::Close(_) => 0,
+            Verdict::Replay(_) => 1,
+            Verdict::Reroute => 2,
+            _ => 3,
+        });
+        for (k, v) in verdicts {
+            self.apply(k, v);
         }
     }
 
@@ -309,7 +269,8 @@ impl Proxy {
             .map(|(k, _)| k)
             .collect();
         for k in keys {
-            self.close_session(k, CloseReason::PortClosed, why, Level::Debug);
+            let close = Close::new(CloseReason::PortClosed, why.to_string(), Level::Debug);
+            self.close_session(k, close);
         }
     }
 
@@ -321,6 +282,8 @@ impl Proxy {
         }
     }
 
+    /// Raises the open-files limit towards what the configuration needs,
+    /// and warns when it stays below.
     pub(super) fn check_fd_limit(&self) {
         let wanted = self.config.max_connections as u64 * 2
             + self.listeners.len() as u64
@@ -336,6 +299,69 @@ impl Proxy {
             Err(e) => warn!("cannot read the open files limit: {e}"),
         }
     }
+}
+
+/// A member that stopped being routable on a port.
+struct Eviction {
+    target: Target,
+    reason: CloseReason,
+    why: String,
+}
+
+/// Sets `l`'s backends to what `topo` makes routable, logging the members
+/// that became routable or changed their draining; returns the members that
+/// are no longer routable, with why.
+fn refresh_backends(l: &mut Listener, topo: Option<&Topology>) -> Vec<Eviction> {
+    let routable = topo
+        .map(|t| topology::routable(t, &l.filter))
+        .unwrap_or_default();
+    let mut evicted = Vec::new();
+    for b in &l.backends.list {
+        if routable.iter().any(|r| b.is(r)) {
+            continue;
+        }
+        let (reason, why) = match topo.and_then(|t| t.member(&b.member).map(|m| (t, m))) {
+            None => (CloseReason::Removed, "removed from the cluster".to_string()),
+            Some((t, m)) => match topology::eligibility(t, m, &l.filter) {
+                Err(x) => (eviction_reason(&x), x.to_string()),
+                Ok(addr) => (CloseReason::Removed, format!("address changed to {addr}")),
+            },
+        };
+        let target = Target {
+            member: b.member.clone(),
+            addr: b.addr,
+            slot: b.slot,
+        };
+        evicted.push(Eviction {
+            target,
+            reason,
+            why,
+        });
+    }
+    for r in &routable {
+        match l.backends.list.iter().find(|b| b.is(r)) {
+            None => info!(
+                "port={} member={} addr={} routable{}",
+                l.label,
+                r.member,
+                r.addr,
+                if r.draining { " but draining" } else { "" }
+            ),
+            Some(b) if b.draining != r.draining => info!(
+                "port={} member={} {}",
+                l.label,
+                r.member,
+                if r.draining {
+                    "draining: a leader without timeline (Patroni is demoting or restarting it); new clients wait"
+                } else {
+                    "no longer draining; taking new clients"
+                }
+            ),
+            Some(_) => {}
+        }
+    }
+    l.backends.set(&routable);
+    evicted
 }
 
 /// The close reason of a session whose member stopped being routable.
