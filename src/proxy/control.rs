@@ -158,6 +158,7 @@ impl Proxy {
         for lk in 0..self.listeners.capacity() {
             self.refresh_listener(lk);
         }
+        self.check_fd_limit();
         info!(
             "configuration reloaded: {} clusters, {} ports",
             self.clusters.len(),

@@ -89,6 +89,8 @@ pub struct Proxy {
     run_queue: Vec<usize>,
     closed_sessions: Vec<usize>,
     next_id: u64,
+    /// The soft open-files limit (see `ports::check_fd_limit`).
+    fd_limit: u64,
     stats: ProxyStats,
     drain_deadline: Option<Instant>,
     exit_now: bool,
@@ -129,6 +131,7 @@ impl Proxy {
             run_queue: Vec::new(),
             closed_sessions: Vec::new(),
             next_id: 1,
+            fd_limit: u64::MAX,
             stats: ProxyStats::default(),
             drain_deadline: None,
             exit_now: false,
@@ -224,9 +227,13 @@ impl Proxy {
     }
 
     fn reap(&mut self) {
+        let reaped = !self.closed_sessions.is_empty();
         for key in self.closed_sessions.drain(..) {
             // Dropping the session closes its sockets.
             self.sessions.try_remove(key);
+        }
+        if reaped {
+            self.budget_pipes();
         }
         self.admin.front.reap(self.poll.registry());
         self.accept

@@ -15,7 +15,7 @@ use super::session::{Close, Session, Verdict};
 use super::stats::CloseReason;
 use super::timer::Timer;
 use super::token::{self, Side};
-use super::{admin, sys, Proxy};
+use super::{admin, buffer, sys, Proxy};
 use crate::config::{ClusterConfig, PortConfig};
 use crate::error::{Error, Result};
 use crate::topology::{self, Topology};
@@ -88,6 +88,14 @@ impl Proxy {
         if self.accept.paused || self.drain_deadline.is_some() {
             return;
         }
+        let before = self.sessions.len();
+        self.accept_ready_listeners();
+        if self.sessions.len() != before {
+            self.budget_pipes();
+        }
+    }
+
+    fn accept_ready_listeners(&mut self) {
         for lk in 0..self.listeners.capacity() {
             let mut accepted = 0;
             while let Some(l) = self.listeners.get_mut(lk).filter(|l| l.accept_ready) {
@@ -282,23 +290,73 @@ impl Proxy {
         }
     }
 
-    /// Raises the open-files limit towards what the configuration needs,
-    /// and warns when it stays below.
-    pub(super) fn check_fd_limit(&self) {
-        let wanted = self.config.max_connections as u64 * 2
-            + self.listeners.len() as u64
-            + admin::MAX_ADMIN_CONNS as u64
-            + 64;
+    /// Raises the open-files limit towards what the configuration needs
+    /// (sessions, ports, admin connections and splice pipes) and warns when
+    /// it stays below; then budgets the pipes.
+    pub(super) fn check_fd_limit(&mut self) {
+        let max = self.config.max_connections;
+        let ports = self.listeners.len();
+        let pipes = if self.config.splice {
+            buffer::MAX_PIPES
+        } else {
+            0
+        };
+        let wanted = fd_budget(max, ports, pipes);
         match sys::raise_nofile_limit(wanted) {
-            Ok((soft, _)) if soft < wanted => warn!(
-                "open files limit is {soft}, below the {wanted} that max_connections={} needs; \
-                 accepting pauses when it runs out",
-                self.config.max_connections
-            ),
-            Ok((soft, _)) => debug!("open files limit {soft}"),
+            Ok((soft, _)) => {
+                self.fd_limit = soft;
+                let sessions = fd_budget(max, ports, 0);
+                if soft < sessions {
+                    warn!(
+                        "open files limit is {soft}, below the {sessions} that max_connections={max} needs; \
+                         accepting pauses when it runs out, and splice pipes get only what open sessions leave"
+                    );
+                } else if soft < wanted {
+                    warn!(
+                        "open files limit is {soft}, below the {wanted} that max_connections={max} and splice need; \
+                         splice pipes get only what sessions leave"
+                    );
+                } else {
+                    debug!("open files limit {soft}");
+                }
+            }
             Err(e) => warn!("cannot read the open files limit: {e}"),
         }
+        self.budget_pipes();
     }
+
+    /// Lets the splice pipes use only the descriptors that the open
+    /// sessions, room for another accept batch, the ports and the admin
+    /// connections leave: a pipe must never take the descriptor an accept
+    /// needs. Run whenever the session count changes in bulk (after
+    /// accepting and after reaping).
+    pub(super) fn budget_pipes(&mut self) {
+        let sessions = (self.sessions.len() + ACCEPT_BATCH).min(self.config.max_connections);
+        let base = fd_budget(sessions, self.listeners.len(), 0);
+        self.pool.set_max_pipes(pipes_within(self.fd_limit, base));
+    }
+}
+
+/// Descriptors margin for everything else: stdio, the poll, the waker,
+/// the signal pipe, the admin listener, the updaters' HTTP connections.
+const FD_MARGIN: u64 = 64;
+
+/// Descriptors the process needs with `sessions` sessions (two each),
+/// `ports` listeners, the admin connections and `pipes` splice pipes (two
+/// each).
+fn fd_budget(sessions: usize, ports: usize, pipes: usize) -> u64 {
+    sessions as u64 * 2
+        + ports as u64
+        + admin::MAX_ADMIN_CONNS as u64
+        + pipes as u64 * 2
+        + FD_MARGIN
+}
+
+/// The pipes that fit in `limit` descriptors beside the `base` the rest
+/// needs.
+fn pipes_within(limit: u64, base: u64) -> usize {
+    let spare = limit.saturating_sub(base) / 2;
+    spare.min(buffer::MAX_PIPES as u64) as usize
 }
 
 /// A member that stopped being routable on a port.
@@ -383,4 +441,29 @@ pub(super) fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener> {
         source,
     })?;
     Ok(TcpListener::from_std(std))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fd_budget_counts_the_splice_pipes() {
+        let base = fd_budget(1000, 3, 0);
+        assert_eq!(base, 2000 + 3 + admin::MAX_ADMIN_CONNS as u64 + FD_MARGIN);
+        assert_eq!(
+            fd_budget(1000, 3, buffer::MAX_PIPES),
+            base + 2 * buffer::MAX_PIPES as u64,
+            "two descriptors per pipe"
+        );
+    }
+
+    #[test]
+    fn pipes_get_only_what_sessions_leave() {
+        let base = fd_budget(100, 1, 0);
+        assert_eq!(pipes_within(base, base), 0, "no room: no pipes");
+        assert_eq!(pipes_within(base - 10, base), 0);
+        assert_eq!(pipes_within(base + 21, base), 10);
+        assert_eq!(pipes_within(u64::MAX, base), buffer::MAX_PIPES);
+    }
 }
