@@ -191,7 +191,7 @@ impl Startup {
                         }
                         // Could not hand it over at once: relay it the usual way.
                         Ok(_) => return Ok(FirstAnswer::Understood),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        Err(e) if sys::classify(&e) == IoError::WouldBlock => {
                             return Ok(FirstAnswer::Understood)
                         }
                         Err(error) => {
@@ -302,7 +302,7 @@ fn send_now_or_queue(
                     backend.writable = false;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => backend.writable = false,
+            Err(e) if sys::classify(&e) == IoError::WouldBlock => backend.writable = false,
             Err(e) => return Err(e),
         }
     }
