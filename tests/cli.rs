@@ -208,3 +208,40 @@ fn the_dependency_line_in_lib_rs_matches_the_imports() {
         );
     }
 }
+
+#[test]
+fn the_readme_layout_lists_every_source_file_and_names_real_functions() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let mut sources = String::new();
+    for dir in ["src", "src/proxy"] {
+        for e in std::fs::read_dir(format!("{root}/{dir}")).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "rs") {
+                let rel = format!("{dir}/{}", path.file_name().unwrap().to_string_lossy());
+                assert!(
+                    readme.contains(&format!("| `{rel}` |")),
+                    "{rel} is missing from the README's Layout"
+                );
+                sources.push_str(&std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let life = readme
+        .split("### Life of a connection")
+        .nth(1)
+        .expect("a Life of a connection section");
+    let life = life.split("\n#").next().unwrap();
+    let mut named = 0;
+    for quoted in life.split('`').skip(1).step_by(2) {
+        let Some((_, f)) = quoted.split_once("::") else {
+            continue;
+        };
+        assert!(
+            sources.contains(&format!("fn {f}(")),
+            "the README names {quoted}, which is not a function in src/"
+        );
+        named += 1;
+    }
+    assert!(named >= 15, "{named} functions named");
+}
