@@ -178,33 +178,29 @@ impl Pair {
         budget: usize,
         tap: Option<Tap>,
     ) -> Result<(), Failed> {
-        let (n, _) = transfer(
+        let r = transfer(
             &mut self.client,
             None,
             &mut self.to_backend,
             pool,
             budget,
             tap,
-        )
-        .map_err(|e| e.at(Side::Client, Side::Backend))?;
-        self.bytes_up += n as u64;
-        Ok(())
+        );
+        count(r, Side::Client, &mut self.bytes_up).map(|_| ())
     }
 
-    /// Client to backend; true when the budget stopped it. Collects only,
-    /// while there is no backend.
+    /// Client to backend, once connected; true when the budget stopped it.
     pub fn up(&mut self, pool: &mut Pool, budget: usize, tap: Option<Tap>) -> Result<bool, Failed> {
-        let (n, over) = transfer(
+        let dst = self.backend.as_mut();
+        let r = transfer(
             &mut self.client,
-            self.backend.as_mut(),
+            dst,
             &mut self.to_backend,
             pool,
             budget,
             tap,
-        )
-        .map_err(|e| e.at(Side::Client, Side::Backend))?;
-        self.bytes_up += n as u64;
-        Ok(over)
+        );
+        count(r, Side::Client, &mut self.bytes_up)
     }
 
     /// Backend to client; true when the budget stopped it.
@@ -212,17 +208,9 @@ impl Pair {
         let Some(backend) = self.backend.as_mut() else {
             return Ok(false);
         };
-        let (n, over) = transfer(
-            backend,
-            Some(&mut self.client),
-            &mut self.to_client,
-            pool,
-            budget,
-            None,
-        )
-        .map_err(|e| e.at(Side::Backend, Side::Client))?;
-        self.bytes_down += n as u64;
-        Ok(over)
+        let dst = Some(&mut self.client);
+        let r = transfer(backend, dst, &mut self.to_client, pool, budget, None);
+        count(r, Side::Backend, &mut self.bytes_down)
     }
 
     /// Both directions, up to `budget` bytes each: the relay's whole pump.
@@ -302,6 +290,18 @@ fn dst_err(error: io::Error) -> EndError {
         end: End::Dst,
         error,
     }
+}
+
+/// Adds a transfer's bytes to `counter` and names the failed socket
+/// (`src` is the transfer's source side); true when the budget stopped it.
+fn count(r: Result<(usize, bool), EndError>, src: Side, counter: &mut u64) -> Result<bool, Failed> {
+    let dst = match src {
+        Side::Client => Side::Backend,
+        Side::Backend => Side::Client,
+    };
+    let (n, over) = r.map_err(|e| e.at(src, dst))?;
+    *counter += n as u64;
+    Ok(over)
 }
 
 /// Moves bytes from `src` towards `dst` (if any) until neither can progress
