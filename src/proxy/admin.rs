@@ -207,7 +207,10 @@ impl HttpConn {
     }
 }
 
-/// One HTTP listener, its connections and its route table.
+/// One HTTP listener, its connections and its route table. A second
+/// listener (a health port with a read-only table) is another `Front` with
+/// its own token range (`token.rs`) and timer kind (`timer.rs`); a TLS
+/// listener wraps its accepted sockets in another [`Io`] variant.
 pub struct Front {
     listener: TcpListener,
     pub addr: SocketAddr,
