@@ -474,8 +474,8 @@ pub fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 /// Most ports one file may define: what the poll's token range for
-/// listeners holds (see `proxy::token`).
-pub const MAX_PORTS: usize = crate::proxy::token::MAX_LISTENERS;
+/// listeners holds (`proxy::token` asserts it at compile time).
+pub const MAX_PORTS: usize = 65_520;
 
 /// Every listening address against every other, in linear time: by exact
 /// (canonical) address, by port for wildcards.

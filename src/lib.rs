@@ -8,9 +8,10 @@
 //! Dependency direction (nothing points back up):
 //! `main -> {config, proxy}`;
 //! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error}`;
-//! `updater -> {patroni, topology}`; `config -> {topology, error}`;
-//! `patroni -> topology`. `topology`, `pgwire`, `admin`, `signals`, `notify`
-//! and `error` depend on nothing of ours. The loop and the updater threads
+//! `updater -> {patroni, topology, dns}`;
+//! `config -> {topology, error, config_guard}`; `patroni -> topology`.
+//! `topology`, `pgwire`, `admin`, `signals`, `notify`, `error`, `dns` and
+//! `config_guard` depend on nothing of ours. The loop and the updater threads
 //! share only the message types in `updater`. Every libc call and every
 //! `unsafe` block is in `proxy::sys`.
 #![deny(unsafe_code)]

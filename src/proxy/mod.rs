@@ -39,7 +39,7 @@ mod stats;
 mod status;
 mod sys;
 mod timer;
-pub(crate) mod token;
+mod token;
 
 use std::io;
 use std::path::PathBuf;
@@ -249,6 +249,7 @@ impl Proxy {
                 Timer::Session(key, id) => self.session_deadline(key, id, now),
                 Timer::Admin(key, id) => self.admin_deadline(key, id, now),
                 Timer::AcceptResume => self.accept.paused = false,
+                Timer::AdminAcceptResume => self.admin.front.paused_until = None,
                 Timer::Housekeeping => {
                     self.housekeeping(now);
                     self.timers.add(now + HOUSEKEEPING, Timer::Housekeeping);
@@ -273,7 +274,9 @@ impl Proxy {
             Timer::Admin(key, id) => admins
                 .get(key)
                 .is_some_and(|a| a.id == id && a.deadline == at),
-            Timer::AcceptResume | Timer::Housekeeping | Timer::Drain => true,
+            Timer::AcceptResume | Timer::AdminAcceptResume | Timer::Housekeeping | Timer::Drain => {
+                true
+            }
         });
     }
 }
