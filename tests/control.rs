@@ -525,3 +525,36 @@ fn admin_accept_pauses_on_emfile_logs_once_and_recovers() {
         assert!(out.starts_with("HTTP/1.1 200"), "{out:?}\n{}", p.log());
     }
 }
+
+/// Issue 11: the reload parsed the file in the loop (a 60,000-deep YAML
+/// froze every session for 5.3 s). A FIFO as the config file makes the
+/// read block until written: the loop must go on serving meanwhile.
+#[test]
+fn reload_reads_and_parses_the_file_off_the_loop() {
+    let (n1, _api, cfg, rw) = one_leader("");
+    let p = Proxy::start(&cfg);
+    p.wait_backends("main", "rw", &["node1"]);
+    let mut session = Client::connect(local(rw));
+    assert_eq!(session.greeting(), "node1");
+    std::fs::remove_file(&p.config_path).unwrap();
+    let fifo = std::ffi::CString::new(p.config_path.to_str().unwrap()).unwrap();
+    // SAFETY: a plain libc call on a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    p.signal(libc::SIGHUP);
+    assert!(p.wait_log("SIGHUP: reloading"));
+    // The reader blocks in open(2) until a writer comes: the loop does not.
+    for _ in 0..3 {
+        let (code, took) = timed_root(p.admin);
+        assert_eq!(code, Some(200), "admin answers while the file is read");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+    assert!(session.echo("still here"), "sessions are served meanwhile");
+    assert_eq!(whoami(local(rw)), "node1");
+    std::fs::write(
+        &p.config_path,
+        cfg.replace("log_level: debug", "log_level: info"),
+    )
+    .unwrap();
+    assert!(p.wait_log("configuration reloaded"));
+    drop(n1);
+}
