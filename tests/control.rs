@@ -558,3 +558,61 @@ fn reload_reads_and_parses_the_file_off_the_loop() {
     assert!(p.wait_log("configuration reloaded"));
     drop(n1);
 }
+
+/// Issue 11: a 10,000-member answer froze the loop per change and
+/// `GET /clusters` rendered 24 MB. Answers over 1,000 members are refused
+/// with the count; at the cap, the per-member port table is left out where
+/// members x ports would exceed 20,000 cells.
+#[test]
+fn huge_cluster_answers_are_refused_and_clusters_json_stays_bounded() {
+    let members = |n: usize| {
+        let ms: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({"name": format!("m{i:05}"), "role": "replica",
+                    "state": "streaming", "host": "127.0.0.1", "port": 1 + i, "lag": 0})
+            })
+            .collect();
+        cluster(ms)
+    };
+    let api = MockPatroni::start(&members(1001));
+    let ports: String = (0..21)
+        .map(|_| {
+            format!(
+                "p{}: {{listen: \"127.0.0.1:{}\", roles: [any]}}\n",
+                free_port(),
+                free_port()
+            )
+        })
+        .collect();
+    let p = Proxy::start(&config(free_port(), &[api.url()], &ports, ""));
+    let (code, body) = p.get("/update_clusters").unwrap();
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("`members` has 1001 entries; at most 1000 are accepted"),
+        "{body}"
+    );
+    api.set(&members(1000));
+    assert_eq!(p.update(), 200);
+    let started = Instant::now();
+    let (code, body) = p.get("/clusters").unwrap();
+    let took = started.elapsed();
+    assert_eq!(code, 200);
+    let s: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} bytes: {}",
+            body.len(),
+            &body[..body.len().min(300)]
+        )
+    });
+    let m = &s["clusters"]["main"]["members"];
+    assert_eq!(m.as_array().unwrap().len(), 1000);
+    assert!(m[0]["ports"]
+        .as_str()
+        .unwrap()
+        .starts_with("left out: 1000 members x 21 ports"));
+    println!(
+        "GET /clusters with 1,000 members x 21 ports: {} bytes in {took:?}",
+        body.len()
+    );
+    assert!(body.len() < 4 << 20, "{} bytes", body.len());
+}
