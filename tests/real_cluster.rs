@@ -917,3 +917,77 @@ fn j_frozen_first_api_host_is_passed_over_within_api_timeout() {
         "{moved:?}"
     );
 }
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn k_every_api_unreachable_beyond_topology_ttl() {
+    // Every Patroni frozen (SIGSTOP) for longer than the proxy's
+    // topology_ttl (4 s) but shorter than Patroni's own TTL (20 s), so
+    // PostgreSQL and the leader key stay as they were.
+    let c = cluster();
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pids: Vec<String> = (1..=c.nodes.len())
+        .map(|i| {
+            std::fs::read_to_string(format!("{state}/run/patroni{i}.pid"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let rw = free_port();
+    let cfg = util::config(
+        free_port(),
+        &hosts,
+        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 1}}"),
+        "topology_ttl: 4\napi_timeout: 0.5",
+    )
+    .replace(
+        "cluster_update_interval: 0.2",
+        &format!("cluster_update_interval: {INTERVAL}"),
+    );
+    let proxy = Proxy::start(&cfg);
+    let leader = c.leader();
+    proxy.wait_backends("main", "rw", &[leader.name.as_str()]);
+    let rw = SocketAddr::from(([127, 0, 0, 1], rw));
+    let mut open = Pg::connect(rw, CONNECT).unwrap();
+    assert_eq!(open.whereami().unwrap(), (false, leader.pg.port()));
+
+    let frozen: Vec<Frozen> = pids
+        .into_iter()
+        .map(|pid| {
+            assert_eq!(signal(&pid, "STOP"), 0);
+            Frozen(pid)
+        })
+        .collect();
+    let at = Instant::now();
+    assert!(wait_until(Duration::from_secs(15), || proxy.status()["clusters"]
+        ["main"]["status"]
+        == "stale"));
+    let stale_after = at.elapsed();
+    let refused = (0..5)
+        .filter(|_| Pg::connect(rw, Duration::from_secs(5)).is_err())
+        .count();
+    let kept = open.whereami().is_ok();
+    drop(frozen); // SIGCONT to all
+    let thawed = Instant::now();
+    assert!(wait_until(Duration::from_secs(20), || proxy.status()["clusters"]
+        ["main"]["status"]
+        == "ok"));
+    let fresh_after = thawed.elapsed();
+    let routes_again = whereami(rw, CONNECT).is_ok();
+    report(
+        "every API frozen beyond topology_ttl=4s",
+        format!(
+            "stale after {:.1}s; new clients refused {refused}/5; open session kept: {kept}; fresh again {:.1}s after SIGCONT; routes again: {routes_again}",
+            stale_after.as_secs_f64(),
+            fresh_after.as_secs_f64()
+        ),
+    );
+    assert_eq!(refused, 5, "new clients are refused while stale");
+    assert!(kept, "open sessions are kept");
+    assert!(routes_again);
+}
