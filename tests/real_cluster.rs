@@ -991,3 +991,60 @@ fn k_every_api_unreachable_beyond_topology_ttl() {
     assert!(kept, "open sessions are kept");
     assert!(routes_again);
 }
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn l_etcd_frozen_beyond_patroni_ttl_and_back() {
+    // etcd frozen (SIGSTOP) for 30 s, longer than Patroni's ttl (20 s):
+    // what Patroni does, what the proxy routes each second, and that it
+    // routes writes again once etcd is back.
+    let rig = rig();
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pid = std::fs::read_to_string(format!("{state}/run/etcd.pid"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let status = || rig.proxy.status()["clusters"]["main"]["status"].clone();
+    assert_eq!(signal(&pid, "STOP"), 0);
+    let etcd = Frozen(pid);
+    let at = Instant::now();
+    let (mut primary, mut standby, mut failed, mut stale) = (0, 0, 0, 0);
+    let mut first_standby = None;
+    while at.elapsed() < Duration::from_secs(30) {
+        match whereami(rig.rw, Duration::from_secs(2)) {
+            Ok((false, _)) => primary += 1,
+            Ok((true, _)) => {
+                standby += 1;
+                first_standby.get_or_insert(at.elapsed());
+            }
+            Err(_) => failed += 1,
+        }
+        if status() == "stale" {
+            stale += 1;
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    drop(etcd); // SIGCONT
+    let back = Instant::now();
+    let mut writes_again = None;
+    while back.elapsed() < Duration::from_secs(90) {
+        if matches!(whereami(rig.rw, Duration::from_secs(2)), Ok((false, _))) {
+            writes_again = Some(back.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    report(
+        "etcd frozen 30 s (ttl 20)",
+        format!(
+            "rw samples during the freeze: {primary} reached a primary, {standby} a read-only member (first after {:?}), {failed} refused; {stale} samples with a stale topology; writes through rw again {:?} after SIGCONT",
+            first_standby.map(|d| format!("{:.1}s", d.as_secs_f64())),
+            writes_again.map(|d| format!("{:.1}s", d.as_secs_f64()))
+        ),
+    );
+    assert!(writes_again.is_some(), "rw routes to a primary again");
+    rig.c.run(&["wait"]);
+}
