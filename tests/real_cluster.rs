@@ -964,8 +964,8 @@ fn k_every_api_unreachable_beyond_topology_ttl() {
         })
         .collect();
     let at = Instant::now();
-    assert!(wait_until(Duration::from_secs(15), || proxy.status()["clusters"]
-        ["main"]["status"]
+    assert!(wait_until(Duration::from_secs(15), || proxy.status()
+        ["clusters"]["main"]["status"]
         == "stale"));
     let stale_after = at.elapsed();
     let refused = (0..5)
@@ -974,8 +974,8 @@ fn k_every_api_unreachable_beyond_topology_ttl() {
     let kept = open.whereami().is_ok();
     drop(frozen); // SIGCONT to all
     let thawed = Instant::now();
-    assert!(wait_until(Duration::from_secs(20), || proxy.status()["clusters"]
-        ["main"]["status"]
+    assert!(wait_until(Duration::from_secs(20), || proxy.status()
+        ["clusters"]["main"]["status"]
         == "ok"));
     let fresh_after = thawed.elapsed();
     let routes_again = whereami(rw, CONNECT).is_ok();
@@ -1047,4 +1047,77 @@ fn l_etcd_frozen_beyond_patroni_ttl_and_back() {
     );
     assert!(writes_again.is_some(), "rw routes to a primary again");
     rig.c.run(&["wait"]);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn m_switchover_with_many_open_sessions() {
+    // Many sessions open on every port during a switchover: each one on a
+    // member that kept what its port requires must survive; counted.
+    let rig = rig();
+    let old = rig.c.leader().name.clone();
+    let candidate = rig.c.replicas()[0].name.clone();
+    let port_of = |name: &str| rig.c.node(name).pg.port();
+    let (old_port, cand_port) = (port_of(&old), port_of(&candidate));
+    let open = |addr: SocketAddr, n: usize| -> Vec<(u16, Pg)> {
+        (0..n)
+            .map(|_| {
+                let mut s = Pg::connect(addr, CONNECT).unwrap();
+                let port = s.whereami().unwrap().1;
+                (port, s)
+            })
+            .collect()
+    };
+    let mut ro = open(rig.ro, 120);
+    let mut any = open(rig.any, 60);
+    let mut rw = open(rig.rw, 20);
+    let total = ro.len() + any.len() + rw.len();
+    rig.c.switchover(&old, &candidate);
+    let (new_name, _) = rig.c.wait_new_leader(&old, Duration::from_secs(60));
+    assert_eq!(new_name, candidate);
+    rig.c.run(&["wait"]);
+    // Let the proxy apply the settled topology.
+    thread::sleep(Duration::from_secs(3));
+    let alive = |s: &mut Pg| s.query("SELECT 1").is_ok();
+    // `ro` serves replicas: the other replica kept its role, the candidate
+    // did not (the proxy closes those), the old leader was never on it.
+    let (mut ro_kept, mut ro_kept_alive, mut ro_lost_alive) = (0, 0, 0);
+    for (port, s) in ro.iter_mut() {
+        if *port == cand_port {
+            ro_lost_alive += usize::from(alive(s));
+        } else {
+            ro_kept += 1;
+            ro_kept_alive += usize::from(alive(s));
+        }
+    }
+    // `any` serves every role: the members Patroni did not restart keep
+    // their sessions (the old leader's PostgreSQL restarts as a replica).
+    let (mut any_kept, mut any_kept_alive) = (0, 0);
+    for (port, s) in any.iter_mut() {
+        if *port != old_port {
+            any_kept += 1;
+            any_kept_alive += usize::from(alive(s));
+        }
+    }
+    let rw_alive = rw
+        .iter_mut()
+        .map(|(_, s)| usize::from(alive(s)))
+        .sum::<usize>();
+    report(
+        "switchover with open sessions",
+        format!(
+            "{total} open; ro: {ro_kept_alive}/{ro_kept} on the replica that kept its role survived, {ro_lost_alive} on the promoted one; any: {any_kept_alive}/{any_kept} on members not restarted survived; rw: {rw_alive}/{} on the old leader survived",
+            rw.len()
+        ),
+    );
+    assert_eq!(
+        ro_kept_alive, ro_kept,
+        "ro sessions on a kept replica survive"
+    );
+    assert_eq!(ro_lost_alive, 0, "ro sessions on the new leader are closed");
+    assert_eq!(
+        any_kept_alive, any_kept,
+        "any sessions on members not restarted survive"
+    );
+    assert_eq!(rw_alive, 0, "rw sessions on the old leader are closed");
 }
