@@ -841,6 +841,18 @@ impl PgbenchCounts {
     }
 }
 
+/// The PID in the cluster's `run/NAME.pid` (`patroni2`, `etcd`).
+fn pid_of(name: &str) -> String {
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    std::fs::read_to_string(format!("{state}/run/{name}.pid"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 /// Sends SIGCONT to a process when dropped, so a failed assertion never
 /// leaves a Patroni frozen for the scenarios after it.
 struct Frozen(String);
@@ -865,14 +877,7 @@ fn j_frozen_first_api_host_is_passed_over_within_api_timeout() {
             .filter(|n| n.name != first)
             .map(|n| n.api.clone()),
     );
-    let state = run_script(&["env"])
-        .lines()
-        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
-        .unwrap();
-    let pid = std::fs::read_to_string(format!("{state}/run/patroni{}.pid", &first[4..]))
-        .unwrap()
-        .trim()
-        .to_string();
+    let pid = pid_of(&format!("patroni{}", &first[4..]));
     let rig = rig_with_hosts(c, hosts.clone());
     let status = |rig: &Rig| rig.proxy.status()["clusters"]["main"].clone();
     assert_eq!(status(&rig)["api_host"], hosts[0]);
@@ -925,17 +930,8 @@ fn k_every_api_unreachable_beyond_topology_ttl() {
     // topology_ttl (4 s) but shorter than Patroni's own TTL (20 s), so
     // PostgreSQL and the leader key stay as they were.
     let c = cluster();
-    let state = run_script(&["env"])
-        .lines()
-        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
-        .unwrap();
     let pids: Vec<String> = (1..=c.nodes.len())
-        .map(|i| {
-            std::fs::read_to_string(format!("{state}/run/patroni{i}.pid"))
-                .unwrap()
-                .trim()
-                .to_string()
-        })
+        .map(|i| pid_of(&format!("patroni{i}")))
         .collect();
     let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
     let rw = free_port();
@@ -999,14 +995,7 @@ fn l_etcd_frozen_beyond_patroni_ttl_and_back() {
     // what Patroni does, what the proxy routes each second, and that it
     // routes writes again once etcd is back.
     let rig = rig();
-    let state = run_script(&["env"])
-        .lines()
-        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
-        .unwrap();
-    let pid = std::fs::read_to_string(format!("{state}/run/etcd.pid"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let pid = pid_of("etcd");
     let status = || rig.proxy.status()["clusters"]["main"]["status"].clone();
     assert_eq!(signal(&pid, "STOP"), 0);
     let etcd = Frozen(pid);
