@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod notify;
 pub mod patroni;
 pub mod pgwire;

@@ -133,7 +133,22 @@ pub struct Member {
     pub lag: Option<u64>,
     /// `replay_lag` (Patroni 4.1+), preferred over `lag` when known.
     pub replay_lag: Option<u64>,
+    /// `receive_lag` (Patroni 4.1+), for `/readiness?mode=write`.
+    pub receive_lag: Option<u64>,
     pub noloadbalance: bool,
+    /// Every tag `/cluster` lists, as Patroni's health checks compare them.
+    pub tags: Vec<Tag>,
+}
+
+/// One member tag, in the form Patroni's `?tag_<key>=<value>` filter
+/// compares: strings verbatim, anything else as Python's `str(v).lower()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag {
+    pub key: String,
+    pub value: String,
+    /// Python truthiness of the value (`bool(v)`), as Patroni tests
+    /// `noloadbalance` in its health checks.
+    pub truthy: bool,
 }
 
 impl Member {
@@ -162,6 +177,10 @@ pub struct Topology {
     pub scope: Option<String>,
     /// Maintenance mode.
     pub paused: bool,
+    /// Some member carries the `receive_lag`/`lsn` fields (Patroni 4.1+).
+    pub lsn_fields: bool,
+    /// `maximum_lag_on_failover` from the cluster's `/config`, when known.
+    pub maximum_lag_on_failover: Option<u64>,
 }
 
 impl Topology {
@@ -450,7 +469,9 @@ mod tests {
             timeline: Some(1),
             lag,
             replay_lag: None,
+            receive_lag: None,
             noloadbalance: false,
+            tags: Vec::new(),
         }
     }
 
@@ -472,8 +493,7 @@ mod tests {
     fn cluster(members: Vec<Member>) -> Topology {
         Topology {
             members,
-            scope: None,
-            paused: false,
+            ..Topology::default()
         }
     }
 
