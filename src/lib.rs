@@ -14,6 +14,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod notify;
 pub mod patroni;
 pub mod pgwire;
