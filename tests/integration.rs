@@ -11,6 +11,8 @@ mod control;
 /// Topology changes while clients are connected: failover, split brain,
 /// held clients, API outages.
 mod failover;
+/// Prometheus output, checked by promtool.
+mod metrics;
 /// Role routing, balancing and eligibility rules, with real Patroni answers.
 mod routing;
 /// Bytes on the wire: large transfers, half-close, concurrency, connect

@@ -17,6 +17,10 @@ mod util;
 
 mod pg;
 
+/// Health checks against Patroni's own answers.
+#[path = "real_cluster_health.rs"]
+mod health_differential;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
