@@ -49,6 +49,18 @@ pub struct Config {
     pub startup_replay: bool,
     /// Sorted by name.
     pub clusters: Vec<ClusterConfig>,
+    pub health: HealthConfig,
+}
+
+/// `health:`: the listeners that answer load balancers' checks.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HealthConfig {
+    /// HTTP, read-only routes (Patroni-compatible checks, `/metrics`).
+    pub listen: Option<SocketAddr>,
+    /// HAProxy `agent-check`: one line in, one line out.
+    pub agent_listen: Option<SocketAddr>,
+    /// `(cluster, member)` that `GET /<endpoint>` answers for.
+    pub member: Option<(String, String)>,
 }
 
 /// TCP keepalive probes, set on client and backend sockets.
@@ -133,6 +145,15 @@ struct RawConfig {
     splice: Option<bool>,
     startup_replay: Option<bool>,
     clusters: BTreeMap<String, RawCluster>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    listen: Option<String>,
+    agent_listen: Option<String>,
+    member: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,6 +305,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         clusters.push(cluster(&mut p, cname, rc));
     }
     check_listen_clashes(&mut p, listen_address, &clusters);
+    let health = health(&mut p, raw.health, listen_address, &clusters);
 
     if p.0.is_empty() {
         Ok(Config {
@@ -301,6 +323,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             splice: raw.splice.unwrap_or(true),
             startup_replay: raw.startup_replay.unwrap_or(true),
             clusters,
+            health,
         })
     } else {
         Err(p.0)
@@ -473,9 +496,97 @@ fn check_listen_clashes(p: &mut Problems, admin: SocketAddr, clusters: &[Cluster
     }
 }
 
+/// The `health:` section: addresses that clash with nothing else, and a
+/// `member` of the form `cluster/member` naming a configured cluster.
+fn health(
+    p: &mut Problems,
+    raw: Option<RawHealth>,
+    admin: SocketAddr,
+    clusters: &[ClusterConfig],
+) -> HealthConfig {
+    let Some(raw) = raw else {
+        return HealthConfig::default();
+    };
+    let mut taken: Vec<(String, SocketAddr)> = vec![("listen_address".into(), admin)];
+    for c in clusters {
+        for port in &c.ports {
+            taken.push((
+                format!("clusters.{}.ports.{}.listen", c.name, port.name),
+                port.listen,
+            ));
+        }
+    }
+    let mut addr = |key: &str, v: Option<String>| {
+        let path = format!("health.{key}");
+        let a = match parse_listen(v.as_deref()?) {
+            Ok(a) => a,
+            Err(e) => {
+                p.add(&path, e);
+                return None;
+            }
+        };
+        if let Some((other, _)) = taken.iter().find(|(_, t)| addresses_clash(*t, a)) {
+            p.add(&path, format!("{a} clashes with {other}"));
+        }
+        taken.push((path, a));
+        Some(a)
+    };
+    let listen = addr("listen", raw.listen);
+    let agent_listen = addr("agent_listen", raw.agent_listen);
+    let member = raw.member.and_then(|m| match m.split_once('/') {
+        Some((c, n)) if !n.is_empty() && clusters.iter().any(|cl| cl.name == c) => {
+            Some((c.to_string(), n.to_string()))
+        }
+        Some((c, n)) if !n.is_empty() => {
+            p.add("health.member", format!("no cluster {c:?} is configured"));
+            None
+        }
+        _ => {
+            p.add("health.member", format!("{m:?} is not <cluster>/<member>"));
+            None
+        }
+    });
+    HealthConfig {
+        listen,
+        agent_listen,
+        member,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_section() {
+        let base = "clusters:\n  main:\n    hosts: [\"http://127.0.0.1:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:5432\", roles: [leader]}\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.health, HealthConfig::default());
+        let c = parse(&format!(
+            "{base}health: {{listen: \"0.0.0.0:8010\", agent_listen: \"127.0.0.1:8011\", member: main/node1}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.health.listen, Some("0.0.0.0:8010".parse().unwrap()));
+        assert_eq!(
+            c.health.agent_listen,
+            Some("127.0.0.1:8011".parse().unwrap())
+        );
+        assert_eq!(c.health.member, Some(("main".into(), "node1".into())));
+        let e = errors(&format!(
+            "{base}health: {{listen: \"0.0.0.0:5432\", agent_listen: nope, member: other/x}}\n"
+        ));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0]
+            .starts_with("health.listen: 0.0.0.0:5432 clashes with clusters.main.ports.rw.listen"));
+        assert!(e[1].starts_with("health.agent_listen: "));
+        assert_eq!(e[2], "health.member: no cluster \"other\" is configured");
+        assert!(
+            errors(&format!("{base}health: {{member: x}}\n"))[0].contains("not <cluster>/<member>")
+        );
+        assert!(
+            errors(&format!("{base}health: {{lissen: x}}\n"))[0].contains("unknown field `lissen`")
+        );
+    }
 
     /// The older patroni_proxy's format; also used by the CLI test.
     const OLD_FORMAT: &str = include_str!("../tests/fixtures/patroni_proxy.yaml");
