@@ -94,9 +94,11 @@ pub struct Check {
     pub query: Query,
 }
 
-/// Parses a request target: `/<cluster>/<member>/<endpoint>?query` or
-/// `/<endpoint>?query`.
-pub fn parse_target(target: &str) -> Result<Check, String> {
+/// Parses a request target: `/<cluster>/<member>/<endpoint>?query` when
+/// the first segment names a configured cluster (`is_cluster`), else the
+/// local form `/<endpoint>?query` (an endpoint may have more segments:
+/// Patroni matches paths by substring).
+pub fn parse_target(target: &str, is_cluster: impl Fn(&str) -> bool) -> Result<Check, String> {
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, q),
         None => (target, ""),
@@ -104,22 +106,25 @@ pub fn parse_target(target: &str) -> Result<Check, String> {
     if !path.starts_with('/') {
         return Err(format!("the path {path:?} does not start with /"));
     }
-    let rest = &path[1..];
-    let mut parts = rest.splitn(3, '/');
-    let first = parts.next().unwrap_or("");
-    let (target, endpoint) = match parts.next() {
-        None => (Target::Local, path.to_string()),
-        Some(member) => {
-            let cluster = percent_decode(first);
-            let member = percent_decode(member);
-            if cluster.is_empty() || member.is_empty() {
-                return Err(format!(
-                    "{path:?}: expected /<cluster>/<member>/<endpoint> or /<endpoint>"
-                ));
-            }
-            let endpoint = format!("/{}", parts.next().unwrap_or(""));
-            (Target::Member { cluster, member }, endpoint)
+    let mut parts = path[1..].splitn(3, '/');
+    let first = percent_decode(parts.next().unwrap_or(""));
+    // A known cluster, or three segments (an unknown cluster: 404).
+    let member_form = is_cluster(&first) || path[1..].splitn(3, '/').count() == 3;
+    let (target, endpoint) = if member_form {
+        let member = percent_decode(parts.next().unwrap_or(""));
+        if member.is_empty() {
+            return Err(format!("{path:?}: expected /{first}/<member>/<endpoint>"));
         }
+        let endpoint = format!("/{}", parts.next().unwrap_or(""));
+        (
+            Target::Member {
+                cluster: first,
+                member,
+            },
+            endpoint,
+        )
+    } else {
+        (Target::Local, path.to_string())
     };
     Ok(Check {
         target,
@@ -691,13 +696,13 @@ pub fn local_member<'a>(
 }
 
 /// Parses one agent-check line (`/demo/node1/primary`, from `agent-send`).
-pub fn parse_agent_line(line: &[u8]) -> Result<Check, String> {
+pub fn parse_agent_line(line: &[u8], is_cluster: impl Fn(&str) -> bool) -> Result<Check, String> {
     let text = std::str::from_utf8(line).map_err(|_| "the line is not UTF-8".to_string())?;
     let text = text.trim();
     if text.is_empty() {
         return Err("empty line; set agent-send \"/<cluster>/<member>/<endpoint>\\n\"".into());
     }
-    parse_target(text)
+    parse_target(text, is_cluster)
 }
 
 #[cfg(test)]
@@ -717,7 +722,7 @@ mod tests {
     }
 
     fn code_m(t: &Topology, member: &str, method: Method, target: &str) -> u16 {
-        let c = parse_target(&format!("/c/{member}{target}")).unwrap();
+        let c = parse_target(&format!("/c/{member}{target}"), |c| c == "c").unwrap();
         let view = View {
             topology: Some(t),
             age: Duration::from_secs(1),
@@ -964,7 +969,7 @@ mod tests {
         assert_eq!(code(&t, "a", "/primary"), 503);
         assert_eq!(code(&t, "a", "/replica"), 503);
         assert_eq!(code(&t, "a", "/read-only"), 200);
-        let c = parse_target("/c/b/primary").unwrap();
+        let c = parse_target("/c/b/primary", |c| c == "c").unwrap();
         let view = View {
             topology: Some(&t),
             age: Duration::ZERO,
@@ -1017,7 +1022,8 @@ mod tests {
 
     #[test]
     fn targets_parse() {
-        let c = parse_target("/demo/node1/replica?lag=16MB&tag_dc=a%20b&mode=write").unwrap();
+        let demo = |c: &str| c == "demo";
+        let c = parse_target("/demo/node1/replica?lag=16MB&tag_dc=a%20b&mode=write", demo).unwrap();
         assert_eq!(
             c.target,
             Target::Member {
@@ -1029,24 +1035,32 @@ mod tests {
         assert_eq!(c.query.lag, Some(16 << 20));
         assert_eq!(c.query.tags, [("dc".to_string(), "a b".to_string())]);
         assert_eq!(c.query.mode.as_deref(), Some("write"));
-        assert_eq!(parse_target("/demo/node1").unwrap().endpoint, "/");
-        assert_eq!(parse_target("/demo/node1/").unwrap().endpoint, "/");
-        assert_eq!(parse_target("/demo/node1/a/b").unwrap().endpoint, "/a/b");
-        let c = parse_target("/replica?lag=1").unwrap();
+        assert_eq!(parse_target("/demo/node1", demo).unwrap().endpoint, "/");
+        assert_eq!(parse_target("/demo/node1/", demo).unwrap().endpoint, "/");
+        assert_eq!(
+            parse_target("/demo/node1/a/b", demo).unwrap().endpoint,
+            "/a/b"
+        );
+        let c = parse_target("/replica?lag=1", demo).unwrap();
         assert_eq!((c.target, c.endpoint.as_str()), (Target::Local, "/replica"));
-        assert_eq!(parse_target("/").unwrap().endpoint, "/");
-        assert!(parse_target("replica").is_err());
-        assert!(parse_target("//node1/primary").is_err());
+        let c = parse_target("/sync/", demo).unwrap();
+        assert_eq!((c.target, c.endpoint.as_str()), (Target::Local, "/sync/"));
+        assert_eq!(parse_target("/", demo).unwrap().endpoint, "/");
+        assert!(parse_target("replica", demo).is_err());
+        assert!(parse_target("/demo/", demo).is_err());
+        let c = parse_target("/other/node1/primary", demo).unwrap();
+        assert!(matches!(c.target, Target::Member { cluster, .. } if cluster == "other"));
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
         assert_eq!(percent_decode("a%2Fb"), "a/b");
     }
 
     #[test]
     fn agent_lines() {
-        let c = parse_agent_line(b"/demo/node1/primary\r\n").unwrap();
+        let demo = |c: &str| c == "demo";
+        let c = parse_agent_line(b"/demo/node1/primary\r\n", demo).unwrap();
         assert_eq!(c.endpoint, "/primary");
-        assert!(parse_agent_line(b"\n").is_err());
-        assert!(parse_agent_line(b"\xff\n").is_err());
+        assert!(parse_agent_line(b"\n", demo).is_err());
+        assert!(parse_agent_line(b"\xff\n", demo).is_err());
         let a = Answer {
             status: 503,
             reason: "role replica\nx".into(),

@@ -7,10 +7,11 @@
 //!
 //! Dependency direction (nothing points back up):
 //! `main -> {config, proxy}`;
-//! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error}`;
+//! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error, health, metrics}`;
 //! `updater -> {patroni, topology}`; `config -> {topology, error}`;
-//! `patroni -> topology`. `topology`, `pgwire`, `admin`, `signals`, `notify`
-//! and `error` depend on nothing of ours. The loop and the updater threads
+//! `patroni -> topology`; `health -> {topology, patroni}` (patroni in its
+//! tests only). `topology`, `pgwire`, `admin`, `metrics`, `signals`,
+//! `notify` and `error` depend on nothing of ours. The loop and the updater threads
 //! share only the message types in `updater`. Every libc call and every
 //! `unsafe` block is in `proxy::sys`.
 #![deny(unsafe_code)]

@@ -8,13 +8,11 @@
 //! valid names, counters ending in `_total`, a `# HELP` and `# TYPE` before
 //! the first sample of every family.
 //!
-//! [`ProcessStats::read`] is the one piece with I/O: three small procfs
-//! reads, which never block on a disk.
+//! [`ProcessStats::read`] is the one piece with I/O: a few small procfs
+//! reads, which never block on a disk (the libc constants it needs come
+//! from `proxy::sys`).
 
 use std::io::Write as _;
-
-/// The content type of what [`Writer`] produces.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// A metric family's type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,15 +282,15 @@ pub struct ProcessStats {
 
 impl ProcessStats {
     /// Reads `/proc/self/{stat,limits,fd}` and `/proc/stat` (boot time,
-    /// once). Missing pieces stay 0.
-    pub fn read() -> ProcessStats {
-        let ticks = sys::clock_ticks();
+    /// once). `ticks` is `sysconf(_SC_CLK_TCK)`, `page_size` the page size
+    /// (the caller asks libc). Missing pieces stay 0.
+    pub fn read(ticks: f64, page_size: u64) -> ProcessStats {
         let mut s = ProcessStats::default();
         if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
             if let Some(p) = parse_stat(&stat) {
                 s.cpu_seconds = (p.utime + p.stime) as f64 / ticks;
                 s.virtual_memory_bytes = p.vsize;
-                s.resident_memory_bytes = p.rss_pages * sys::page_size();
+                s.resident_memory_bytes = p.rss_pages * page_size;
                 s.start_time_seconds = boot_time() + p.starttime as f64 / ticks;
             }
         }
@@ -403,30 +401,6 @@ fn boot_time() -> f64 {
     })
 }
 
-#[allow(unsafe_code)]
-mod sys {
-    /// `sysconf(_SC_CLK_TCK)`, the unit of `/proc` CPU times.
-    pub fn clock_ticks() -> f64 {
-        // SAFETY: sysconf reads a constant; no pointers involved.
-        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        if t > 0 {
-            t as f64
-        } else {
-            100.0
-        }
-    }
-
-    pub fn page_size() -> u64 {
-        // SAFETY: as above.
-        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if p > 0 {
-            p as u64
-        } else {
-            4096
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,7 +501,7 @@ mod tests {
         let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
                       Max open files            1024                 524288               files\n";
         assert_eq!(parse_max_fds(limits), Some(1024));
-        let s = ProcessStats::read();
+        let s = ProcessStats::read(100.0, 4096);
         assert!(s.resident_memory_bytes > 0 && s.open_fds > 0 && s.max_fds > 0);
         assert!(s.start_time_seconds > 1.5e9, "{}", s.start_time_seconds);
         let mut buf = Vec::new();

@@ -11,6 +11,8 @@ mod control;
 /// Topology changes while clients are connected: failover, split brain,
 /// held clients, API outages.
 mod failover;
+/// Health listeners: Patroni-compatible checks, agent port, /health.
+mod health;
 /// Prometheus output, checked by promtool.
 mod metrics;
 /// Role routing, balancing and eligibility rules, with real Patroni answers.

@@ -68,7 +68,7 @@ fn the_writer_satisfies_promtool() {
         "How long held clients waited.",
     );
     w.histogram("patroni_proxy_held_wait_seconds", &[("port", "rw")], &h);
-    ProcessStats::read().write(&mut w);
+    ProcessStats::read(100.0, 4096).write(&mut w);
     let text = String::from_utf8(buf).unwrap();
     assert_eq!(promtool(&text), "", "{text}");
 }

@@ -140,7 +140,8 @@ pub fn ours(body: &Value, a: &Ask) -> u16 {
         age: Duration::ZERO,
         ttl: None,
     };
-    let c = health::parse_target(&a.target).unwrap();
+    let full = format!("/main/{}{}", a.member, a.target);
+    let c = health::parse_target(&full, |c| c == "main").unwrap();
     health::decide(
         method(a.method),
         &c.endpoint,
@@ -165,7 +166,10 @@ fn theirs(c: &Cluster, body: &Value, a: &Ask) -> u16 {
         .and_then(|ms| ms.iter().find(|m| m["name"] == a.member.as_str()))
         .map(|m| m["state"].as_str().unwrap_or("").to_string())
         .unwrap_or_default();
-    if code == 200 && state != q {
+    // Patroni 4.2's `replication_state`: streaming, in archive recovery, or
+    // none (a "running" state is PostgreSQL's, not a replication state).
+    let replication = ["streaming", "in archive recovery"].contains(&state.as_str());
+    if code == 200 && !(replication && state == q) {
         503
     } else {
         code

@@ -61,6 +61,12 @@ impl Io {
         }
     }
 
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Io::Plain(s) => s.local_addr().ok(),
+        }
+    }
+
     fn deregister(&mut self, registry: &Registry) {
         match self {
             Io::Plain(s) => {
@@ -177,6 +183,15 @@ impl HttpConn {
             }
         }
         Step::Nothing
+    }
+
+    /// The address this connection reached (for `/<endpoint>` checks).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    pub fn is_writing(&self) -> bool {
+        matches!(self.state, State::Writing)
     }
 
     /// Queues `resp` for writing (the caller then calls [`Self::advance`]).
@@ -296,6 +311,16 @@ impl Front {
         out
     }
 
+    /// Stops listening and drops every connection (a reload removed or
+    /// moved the listener).
+    pub fn shutdown(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        for (_, mut c) in std::mem::take(&mut self.conns) {
+            c.io.deregister(registry);
+        }
+        self.closed.clear();
+    }
+
     /// Marks a connection closed; it is removed at [`Self::reap`].
     pub fn close(&mut self, key: usize) {
         if let Some(c) = self.conns.get_mut(key) {
@@ -375,6 +400,10 @@ impl Proxy {
         let resp = match req.route {
             Route::Root => Response::text(200, "OK"),
             Route::Clusters => Response::json(200, self.status_json()),
+            Route::Metrics => Response::metrics(self.metrics_text()),
+            Route::Health => self.health_summary(),
+            // Not in the admin table.
+            Route::Check => Response::text(404, "not found\n"),
             Route::UpdateClusters => {
                 if self.clusters.is_empty() {
                     Response::text(200, "no clusters configured\n")

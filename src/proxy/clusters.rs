@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn, Level};
 use mio::Waker;
 
-use super::stats::ClusterStats;
+use super::stats::{ClusterStats, PollError};
 use super::Proxy;
 use crate::config::{ClusterConfig, Config};
 use crate::error::{Error, Result};
@@ -219,6 +219,7 @@ impl Clusters {
         cluster: &str,
         updater: u64,
         outcome: std::result::Result<updater::Polled, String>,
+        took: Duration,
         now: Instant,
     ) -> bool {
         let Some(c) = self.map.get_mut(cluster) else {
@@ -228,9 +229,11 @@ impl Clusters {
             return false; // from an updater a reload replaced
         }
         c.stats.polls += 1;
+        c.stats.poll_duration.observe(took.as_secs_f64());
         let polled = match outcome {
             Err(e) => {
                 c.stats.poll_errors += 1;
+                c.stats.poll_errors_by[PollError::classify(&e) as usize] += 1;
                 c.last_error = Some(e);
                 return false;
             }
@@ -312,7 +315,7 @@ impl Proxy {
             let failure = u.outcome.as_ref().err().cloned();
             if self
                 .clusters
-                .apply(&u.cluster, u.updater, u.outcome, Instant::now())
+                .apply(&u.cluster, u.updater, u.outcome, u.took, Instant::now())
             {
                 self.refresh_listeners(&u.cluster);
             }

@@ -120,6 +120,7 @@ impl Proxy {
         } else {
             None
         };
+        let health = self.health_bind_changes(&new)?;
 
         // Commit.
         log::set_max_level(config::raise_level(new.log_level, self.verbosity));
@@ -131,6 +132,7 @@ impl Proxy {
                 .rebind(sock, new.listen_address, self.poll.registry());
             info!("admin interface moved to {}", new.listen_address);
         }
+        self.health_apply(health);
         self.config = new.clone();
         self.clusters.reconcile(&new);
         for lk in 0..self.listeners.capacity() {

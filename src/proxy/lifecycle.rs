@@ -235,6 +235,12 @@ impl Proxy {
             if let Some(m) = l.backends.member_stats(t) {
                 m.connects += 1;
             }
+            // A held client's wait ends with its first backend.
+            if let Some(since) = s.waited_since {
+                if s.pair.bytes_up + s.pair.bytes_down == 0 {
+                    l.stats.held_wait.observe(since.elapsed().as_secs_f64());
+                }
+            }
         }
         let v = s.connected(at_once);
         debug!(
@@ -384,6 +390,9 @@ impl Proxy {
         if let Some(l) = l {
             if s.is_streaming() {
                 l.stats.closed.add(close.reason);
+                if let Some(m) = s.target.as_ref().and_then(|t| l.backends.member_stats(t)) {
+                    m.closed.add(close.reason);
+                }
             } else {
                 l.stats.refused.add(close.reason);
             }

@@ -203,3 +203,25 @@ pub fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<
         Ok(n as usize)
     }
 }
+
+/// `sysconf(_SC_CLK_TCK)`, the unit of `/proc` CPU times (100 if unknown).
+pub fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant; no pointers involved.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// The page size, the unit of `/proc` memory sizes (4096 if unknown).
+pub fn page_size() -> u64 {
+    // SAFETY: as above.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}

@@ -20,6 +20,10 @@ pub enum Timer {
     Session(usize, u64),
     /// An admin connection's idle or refresh deadline (slab key, id).
     Admin(usize, u64),
+    /// A health-listener connection's idle deadline (slab key, id).
+    Health(usize, u64),
+    /// An agent-check connection's deadline (slab key, id).
+    Agent(usize, u64),
     /// Resume accepting after running out of file descriptors.
     AcceptResume,
     /// Once a second: staleness, dead updaters.
