@@ -320,9 +320,215 @@ pub fn run_states(c: &Cluster, ours_of: &dyn Fn(&Value, &Ask) -> u16) {
     );
 }
 
+/// The proxy's health listener over the same cluster: what a load
+/// balancer would be told.
+fn via_proxy(health: SocketAddr) -> impl Fn(&Value, &Ask) -> u16 {
+    move |_, a| {
+        let target = format!("/main/{}{}", a.member, a.target);
+        let api = format!("http://{health}");
+        match status_of(&api, a.method, &target) {
+            0 => 503,
+            code => code,
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a real cluster: tests/cluster/run"]
 fn j_health_answers_match_patroni() {
     let c = cluster();
-    run_states(&c, &ours);
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let (health, rw) = (free_port(), free_port());
+    let cfg = util::config(
+        free_port(),
+        &hosts,
+        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"),
+        &format!("health: {{listen: \"127.0.0.1:{health}\"}}"),
+    )
+    .replace(
+        "cluster_update_interval: 0.2",
+        &format!("cluster_update_interval: {INTERVAL}"),
+    );
+    let _proxy = Proxy::start(&cfg);
+    let health = SocketAddr::from(([127, 0, 0, 1], health));
+    // Both our sides: the rules run directly on the /cluster body the
+    // round fetched, and the proxy's answer from its own poll.
+    let both = move |body: &Value, a: &Ask| {
+        let direct = ours(body, a);
+        let proxied = via_proxy(health)(body, a);
+        if direct == proxied {
+            direct
+        } else {
+            // Not the same poll: let the round retry.
+            0
+        }
+    };
+    run_states(&c, &both);
+}
+
+/// A proxy with both health listeners over the real cluster; returns it
+/// with the health and agent addresses.
+fn health_proxy(c: &Cluster) -> (Proxy, SocketAddr, SocketAddr) {
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let (health, agent, rw) = (free_port(), free_port(), free_port());
+    let cfg = util::config(
+        free_port(),
+        &hosts,
+        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"),
+        &format!("health: {{listen: \"127.0.0.1:{health}\", agent_listen: \"127.0.0.1:{agent}\"}}"),
+    )
+    .replace(
+        "cluster_update_interval: 0.2",
+        &format!("cluster_update_interval: {INTERVAL}"),
+    );
+    let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
+    (Proxy::start(&cfg), a(health), a(agent))
+}
+
+/// A child process killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn k_haproxy_routes_by_role_through_the_agent_port() {
+    let c = cluster();
+    let (_proxy, _, agent) = health_proxy(&c);
+    // The packaged configuration, pointed at this cluster.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut cfg =
+        std::fs::read_to_string(format!("{root}/packaging/haproxy/haproxy-agent.cfg")).unwrap();
+    let (primary, replicas) = (free_port(), free_port());
+    cfg = cfg
+        .replace("agent-port 8011", &format!("agent-port {}", agent.port()))
+        .replace("*:5000", &format!("127.0.0.1:{primary}"))
+        .replace("*:5001", &format!("127.0.0.1:{replicas}"));
+    for (i, n) in c.nodes.iter().enumerate() {
+        cfg = cfg.replace(&format!("10.0.0.{}:5432", i + 1), &n.pg.to_string());
+    }
+    let dir = util::TempDir::new();
+    let path = dir.0.join("haproxy.cfg");
+    std::fs::write(&path, &cfg).unwrap();
+    let _haproxy = Child(
+        Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .spawn()
+            .expect("haproxy"),
+    );
+    let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
+    let leader = c.leader();
+    let (old, old_port) = (leader.name.clone(), leader.pg.port());
+    assert!(
+        wait_until(Duration::from_secs(30), || whereami(a(primary), CONNECT)
+            == Ok((false, old_port))),
+        "HAProxy never routed the primary port to the leader"
+    );
+    for _ in 0..4 {
+        assert_eq!(whereami(a(primary), CONNECT).unwrap(), (false, old_port));
+        assert!(whereami(a(replicas), CONNECT).unwrap().0, "a replica");
+    }
+    let candidate = c.replicas()[0].name.clone();
+    let started = Instant::now();
+    c.switchover(&old, &candidate);
+    let new_port = c.node(&candidate).pg.port();
+    assert!(
+        wait_until(Duration::from_secs(60), || whereami(a(primary), CONNECT)
+            == Ok((false, new_port))),
+        "HAProxy never followed the switchover"
+    );
+    report(
+        "haproxy agent switchover",
+        format!(
+            "writes on the new leader through HAProxy {:.1} s after patronictl switchover",
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    assert!(wait_until(Duration::from_secs(30), || whereami(
+        a(replicas),
+        CONNECT
+    )
+    .is_ok_and(|(r, _)| r)));
+    c.run(&["wait"]);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn l_prometheus_scrapes_the_proxy() {
+    let c = cluster();
+    let (_proxy, health, _) = health_proxy(&c);
+    let dir = util::TempDir::new();
+    let cfg = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n  - job_name: patroni-proxy\n    static_configs:\n      - targets: [\"{health}\"]\n"
+        ),
+    )
+    .unwrap();
+    let web = free_port();
+    let _prometheus = Child(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package prometheus)"),
+    );
+    let web = SocketAddr::from(([127, 0, 0, 1], web));
+    let query = |q: &str| -> Value {
+        let q = q.replace(' ', "%20").replace('"', "%22");
+        http_get(web, &format!("/api/v1/query?query={q}"))
+            .ok()
+            .and_then(|(code, body)| (code == 200).then(|| serde_json::from_str(&body).ok()))
+            .flatten()
+            .unwrap_or(Value::Null)
+    };
+    // The scrape is healthy and a series comes back.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            query("up{job=\"patroni-proxy\"}")["data"]["result"][0]["value"][1] == "1"
+        }),
+        "Prometheus never scraped the proxy: {:?}",
+        query("up")
+    );
+    assert!(wait_until(Duration::from_secs(30), || {
+        let v = &query("patroni_proxy_cluster_polls_total{cluster=\"main\"}")["data"]["result"][0];
+        v["value"][1]
+            .as_str()
+            .and_then(|s| s.parse::<f64>().ok())
+            .is_some_and(|n| n > 0.0)
+    }));
+    // The README's queries are valid and answer.
+    for q in [
+        "sum by (cluster, member) (patroni_proxy_backend_sessions_current)",
+        "max by (cluster) (patroni_proxy_cluster_topology_age_seconds)",
+        "time() - patroni_proxy_cluster_last_good_poll_timestamp_seconds",
+    ] {
+        let v = query(q);
+        assert_eq!(v["status"], "success", "{q}: {v}");
+    }
+    let age = query("max by (cluster) (patroni_proxy_cluster_topology_age_seconds)");
+    let secs: f64 = age["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(secs < 10.0, "{age}");
+    report(
+        "prometheus",
+        format!("scraped; seconds since the last good poll {secs:.2}"),
+    );
 }
