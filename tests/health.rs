@@ -30,23 +30,9 @@ fn start(mock: &MockPatroni, extra: &str) -> (Proxy, SocketAddr, SocketAddr, Soc
     (proxy, a(health), a(agent), a(admin))
 }
 
-/// Status line code and body of a raw request.
+/// Status line code and body of an HTTP/1.0 request.
 fn ask(addr: SocketAddr, method: &str, target: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "{method} {target} HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    util::http_request(addr, method, target, "HTTP/1.0").unwrap()
 }
 
 fn agent(addr: SocketAddr, line: &[u8]) -> String {

@@ -9,12 +9,15 @@
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use super::stats::{CloseReason, HealthChecks, PollError};
+use super::stats::{CloseReason, HealthChecks, MemberStats, PollError};
 use super::sys;
 use super::Proxy;
 use crate::metrics::{Kind, ProcessStats, Writer};
 
 const P: &str = "patroni_proxy_";
+
+/// Reads one counter of a member.
+type MemberCounter = fn(&MemberStats) -> u64;
 
 impl Proxy {
     pub(super) fn metrics_text(&self) -> Vec<u8> {
@@ -149,80 +152,40 @@ impl Proxy {
                 );
             }
         }
-        let f = family(
-            &mut w,
-            "backend_connects_total",
-            Kind::Counter,
-            "Backend connections established.",
-        );
-        for p in &ports {
-            for m in p.members {
-                w.sample(
-                    &f,
-                    &[
+        // The per-member counters, one family each.
+        let counters: [(&str, &str, MemberCounter); 4] = [
+            (
+                "backend_connects_total",
+                "Backend connections established.",
+                |m| m.connects,
+            ),
+            (
+                "backend_connect_errors_total",
+                "Backend connections that failed or timed out.",
+                |m| m.connect_failures,
+            ),
+            (
+                "backend_bytes_in_total",
+                "Bytes relayed from clients to the member.",
+                |m| m.bytes_up,
+            ),
+            (
+                "backend_bytes_out_total",
+                "Bytes relayed from the member to clients.",
+                |m| m.bytes_down,
+            ),
+        ];
+        for (n, help, get) in counters {
+            let f = family(&mut w, n, Kind::Counter, help);
+            for p in &ports {
+                for m in p.members {
+                    let labels = [
                         ("cluster", p.cluster),
                         ("port", p.port),
-                        ("member", &m.member),
-                    ],
-                    m.connects,
-                );
-            }
-        }
-        let f = family(
-            &mut w,
-            "backend_connect_errors_total",
-            Kind::Counter,
-            "Backend connections that failed or timed out.",
-        );
-        for p in &ports {
-            for m in p.members {
-                w.sample(
-                    &f,
-                    &[
-                        ("cluster", p.cluster),
-                        ("port", p.port),
-                        ("member", &m.member),
-                    ],
-                    m.connect_failures,
-                );
-            }
-        }
-        let f = family(
-            &mut w,
-            "backend_bytes_in_total",
-            Kind::Counter,
-            "Bytes relayed from clients to the member.",
-        );
-        for p in &ports {
-            for m in p.members {
-                w.sample(
-                    &f,
-                    &[
-                        ("cluster", p.cluster),
-                        ("port", p.port),
-                        ("member", &m.member),
-                    ],
-                    m.bytes_up,
-                );
-            }
-        }
-        let f = family(
-            &mut w,
-            "backend_bytes_out_total",
-            Kind::Counter,
-            "Bytes relayed from the member to clients.",
-        );
-        for p in &ports {
-            for m in p.members {
-                w.sample(
-                    &f,
-                    &[
-                        ("cluster", p.cluster),
-                        ("port", p.port),
-                        ("member", &m.member),
-                    ],
-                    m.bytes_down,
-                );
+                        ("member", &*m.member),
+                    ];
+                    w.sample(&f, &labels, get(m));
+                }
             }
         }
         let f = family(
