@@ -16,6 +16,7 @@ pub mod error;
 pub mod notify;
 pub mod patroni;
 pub mod pgwire;
+pub mod policy;
 pub mod proxy;
 pub mod signals;
 pub mod topology;
