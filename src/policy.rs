@@ -304,6 +304,8 @@ enum LagState {
         closed: bool,
         /// Consecutive polls at or under the return mark.
         good: u32,
+        /// When the last of them was counted.
+        counted_at: Option<Instant>,
         /// The lag of the last poll.
         last: Lag,
     },
@@ -313,11 +315,25 @@ enum LagState {
 #[derive(Debug, Clone, Default)]
 pub struct LagTracker {
     states: HashMap<String, LagState>,
+    /// The least time between two polls that both count towards a return.
+    spacing: Duration,
 }
 
 impl LagTracker {
+    /// Every poll counts towards a return.
     pub fn new() -> LagTracker {
         LagTracker::default()
+    }
+
+    /// Polls count towards a return at most about once per `interval`
+    /// (three quarters of it, for jitter), so the updater's faster polling
+    /// after a change, which repeats the same Patroni figures, does not
+    /// shorten the hysteresis.
+    pub fn with_interval(interval: Duration) -> LagTracker {
+        LagTracker {
+            states: HashMap::new(),
+            spacing: interval * 3 / 4,
+        }
     }
 
     /// Feeds one poll. `readings` are the members the other rules allow
@@ -339,7 +355,7 @@ impl LagTracker {
         let mut events = Vec::new();
         for &(name, lag) in readings {
             let state = self.states.entry(name.to_string()).or_insert(LagState::In);
-            if let Some(e) = step(rules, now, name, state, lag) {
+            if let Some(e) = step(rules, self.spacing, now, name, state, lag) {
                 events.push(e);
             }
         }
@@ -411,6 +427,7 @@ impl LagTracker {
 /// One poll for one member.
 fn step(
     rules: &LagRules,
+    spacing: Duration,
     now: Instant,
     name: &str,
     state: &mut LagState,
@@ -432,6 +449,7 @@ fn step(
                 since: now,
                 closed: close.is_some(),
                 good: 0,
+                counted_at: None,
                 last: lag,
             };
             Some(LagEvent::Evicted {
@@ -446,12 +464,16 @@ fn step(
             since,
             closed,
             good,
+            counted_at,
             last,
         } => {
             *last = lag;
             if let Lag::Bytes(l) = lag {
                 if l <= rules.return_mark {
-                    *good += 1;
+                    if counted_at.is_none_or(|t| now.duration_since(t) >= spacing) {
+                        *good += 1;
+                        *counted_at = Some(now);
+                    }
                     if *good >= rules.return_polls {
                         let polls = *good;
                         *state = LagState::In;
@@ -466,6 +488,7 @@ fn step(
                 }
             }
             *good = 0;
+            *counted_at = None;
             if *closed || !rules.over(lag) {
                 return None;
             }
@@ -863,6 +886,31 @@ mod tests {
         let mut t = LagTracker::new();
         let e = feed(&mut t, &r, c.at(0), Lag::Unknown);
         assert!(matches!(e[..], [LagEvent::Evicted { close: None, .. }]));
+    }
+
+    #[test]
+    fn fast_polls_do_not_shorten_the_return() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let r = rules(1000, 0, 3);
+        let mut t = LagTracker::with_interval(Duration::from_secs(3));
+        feed(&mut t, &r, ms(0), Lag::Bytes(5000));
+        // Every 250 ms, as after a change: counted at 250, 2500 and 4750 ms.
+        let mut back = None;
+        for i in 1..40 {
+            if !feed(&mut t, &r, ms(i * 250), Lag::Bytes(0)).is_empty() {
+                back = Some(i * 250);
+                break;
+            }
+        }
+        assert_eq!(back, Some(4750));
+        // A bad poll in between starts the count again.
+        feed(&mut t, &r, ms(10_000), Lag::Bytes(5000));
+        feed(&mut t, &r, ms(13_000), Lag::Bytes(0));
+        feed(&mut t, &r, ms(16_000), Lag::Unknown);
+        assert!(feed(&mut t, &r, ms(19_000), Lag::Bytes(0)).is_empty());
+        assert!(feed(&mut t, &r, ms(22_000), Lag::Bytes(0)).is_empty());
+        assert_eq!(feed(&mut t, &r, ms(25_000), Lag::Bytes(0)).len(), 1);
     }
 
     #[test]
