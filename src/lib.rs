@@ -9,7 +9,8 @@
 //! `main -> {config, proxy}`;
 //! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error}`;
 //! `updater -> {patroni, topology, dns}`;
-//! `config -> {topology, error, config_guard}`; `patroni -> topology`.
+//! `config -> {topology, policy, error, config_guard}`; `policy -> topology`;
+//! `patroni -> topology`.
 //! `topology`, `pgwire`, `admin`, `signals`, `notify`, `error`, `dns` and
 //! `config_guard` depend on nothing of ours. The loop and the updater threads
 //! share only the message types in `updater`. Every libc call and every
@@ -24,6 +25,7 @@ pub mod error;
 pub mod notify;
 pub mod patroni;
 pub mod pgwire;
+pub mod policy;
 pub mod proxy;
 pub mod signals;
 pub mod topology;

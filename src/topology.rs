@@ -113,7 +113,7 @@ impl PortRole {
         }
     }
 
-    fn accepts(self, role: &Role) -> bool {
+    pub fn accepts(self, role: &Role) -> bool {
         match self {
             PortRole::Leader => *role == Role::Leader,
             PortRole::Sync => matches!(role, Role::SyncStandby | Role::QuorumStandby),
