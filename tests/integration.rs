@@ -4,6 +4,8 @@
 
 mod util;
 
+/// packaging/patroni-proxy-callback, the Patroni callback.
+mod callback;
 /// Command line, `-t`, exit codes and configuration errors.
 mod cli;
 /// Admin interface, SIGHUP reload, SIGTERM drain.

@@ -50,6 +50,8 @@ struct Cluster {
     nodes: Vec<Node>,
     patronictl: String,
     script: PathBuf,
+    /// The cluster's state directory.
+    state: PathBuf,
 }
 
 fn script() -> PathBuf {
@@ -98,6 +100,7 @@ fn cluster() -> Cluster {
         nodes,
         patronictl: get("PATRONICTL"),
         script: script(),
+        state: get("STATE").into(),
     }
 }
 
@@ -235,6 +238,10 @@ struct Rig {
 }
 
 fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
+    rig_polling(c, hosts, INTERVAL)
+}
+
+fn rig_polling(c: Cluster, hosts: Vec<String>, interval: f64) -> Rig {
     let [rw, ro, sync, any] = [0; 4].map(|_| free_port());
     let ports = format!(
         "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 40}}\n\
@@ -244,7 +251,7 @@ fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
     );
     let cfg = util::config(free_port(), &hosts, &ports, "").replace(
         "cluster_update_interval: 0.2",
-        &format!("cluster_update_interval: {INTERVAL}"),
+        &format!("cluster_update_interval: {interval}"),
     );
     let proxy = Proxy::start(&cfg);
     let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
@@ -843,4 +850,222 @@ impl PgbenchCounts {
             self.lines.push(l.to_string());
         }
     }
+}
+
+/// Sends SIGCONT to a process when dropped, so a failed assertion never
+/// leaves a Patroni frozen for the scenarios after it.
+struct Frozen(String);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(&self.0, "CONT");
+    }
+}
+
+/// When `when(seen)` first holds, polled every 10 ms for up to 60 s.
+fn first_time(mut when: impl FnMut() -> bool) -> Option<Instant> {
+    wait_until(Duration::from_secs(60), &mut when).then(Instant::now)
+}
+
+/// A loopback listener that records when the first request arrives (within
+/// 60 s), and its request line; answers 200.
+fn callback_witness() -> (String, thread::JoinHandle<Option<(Instant, String)>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let t = thread::spawn(move || {
+        let mut conn = None;
+        wait_until(Duration::from_secs(60), || {
+            conn = l.accept().ok();
+            conn.is_some()
+        });
+        let (mut conn, _) = conn?;
+        let at = Instant::now();
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 512];
+        let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
+        let line = String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let _ =
+            std::io::Write::write_all(&mut conn, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        Some((at, line))
+    });
+    (url, t)
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn j_frozen_first_api_host_is_passed_over_within_api_timeout() {
+    let c = cluster();
+    // The proxy asks a replica's API first; that Patroni is frozen with
+    // SIGSTOP: its socket accepts, but nothing answers (worse than dead).
+    let first = c.replicas()[0].name.clone();
+    let mut hosts: Vec<String> = vec![c.node(&first).api.clone()];
+    hosts.extend(
+        c.nodes
+            .iter()
+            .filter(|n| n.name != first)
+            .map(|n| n.api.clone()),
+    );
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pid = std::fs::read_to_string(format!("{state}/run/patroni{}.pid", &first[4..]))
+        .unwrap()
+        .trim()
+        .to_string();
+    let rig = rig_with_hosts(c, hosts.clone());
+    let status = |rig: &Rig| rig.proxy.status()["clusters"]["main"].clone();
+    assert_eq!(status(&rig)["api_host"], hosts[0]);
+    let leader = rig.c.leader().pg.port();
+
+    assert_eq!(signal(&pid, "STOP"), 0);
+    let _thaw = Frozen(pid);
+    let frozen_at = Instant::now();
+    // api_timeout is 2 s: the first poll after the freeze waits that long
+    // for the frozen host, then the next host answers.
+    assert!(wait_until(Duration::from_secs(15), || status(&rig)
+        ["api_host"]
+        != hosts[0]));
+    let moved = frozen_at.elapsed();
+    // Clients meanwhile: every one lands where its port says.
+    let (mut rw_ok, mut ro_ok, mut wrong, mut failed) = (0, 0, 0, 0);
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        match whereami(rig.rw, CONNECT) {
+            Ok((false, p)) if p == leader => rw_ok += 1,
+            Ok(_) => wrong += 1,
+            Err(_) => failed += 1,
+        }
+        match whereami(rig.ro, CONNECT) {
+            Ok((true, _)) => ro_ok += 1,
+            Ok(_) => wrong += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    let s = status(&rig);
+    assert_eq!(s["status"], "ok", "{s}");
+    report(
+        "frozen first API (SIGSTOP)",
+        format!(
+            "next host used after {:.1}s; over 12 s: rw {rw_ok} ok, ro {ro_ok} ok, {wrong} misrouted, {failed} failed",
+            moved.as_secs_f64()
+        ),
+    );
+    assert_eq!((wrong, failed), (0, 0));
+    assert!(
+        moved < Duration::from_secs(2 * INTERVAL as u64 + 4),
+        "{moved:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn j_callback_moves_the_leader_port_at_once() {
+    // Polling every 10 s, the proxy alone would follow a switchover up to
+    // 10 s late; Patroni's on_role_change callback
+    // (packaging/patroni-proxy-callback, configured by tests/cluster/cluster
+    // to read $STATE/callback.conf) makes it poll at once.
+    let c = cluster();
+    let hosts = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let rig = rig_polling(c, hosts, 10.0);
+    let conf = rig.c.state.join("callback.conf");
+    let (witness, witnessed) = callback_witness();
+    std::fs::write(&conf, format!("http://{}\n{witness}\n", rig.proxy.admin)).unwrap();
+    let old = rig.c.leader().name.clone();
+    let candidate = rig.c.replicas()[0].name.clone();
+    let apis: Vec<SocketAddr> = rig
+        .c
+        .nodes
+        .iter()
+        .map(|n| n.api.trim_start_matches("http://").parse().unwrap())
+        .collect();
+    let shown = {
+        let candidate = candidate.clone();
+        thread::spawn(move || {
+            first_time(|| {
+                apis.iter().any(|a| {
+                    http_get(*a, "/cluster")
+                        .ok()
+                        .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+                        .is_some_and(|t| {
+                            t["members"].as_array().is_some_and(|ms| {
+                                ms.iter().any(|m| {
+                                    m["name"] == candidate.as_str()
+                                        && m["role"] == "leader"
+                                        && m["state"] == "running"
+                                })
+                            })
+                        })
+                })
+            })
+        })
+    };
+    let followed = {
+        let (admin, candidate) = (rig.proxy.admin, candidate.clone());
+        thread::spawn(move || {
+            first_time(|| {
+                http_get(admin, "/clusters")
+                    .ok()
+                    .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+                    .is_some_and(|s| {
+                        let b = &s["clusters"]["main"]["ports"]["rw"]["backends"];
+                        b.as_array().is_some_and(|b| {
+                            b.len() == 1
+                                && b[0]["member"] == candidate.as_str()
+                                && b[0]["draining"] == false
+                        })
+                    })
+            })
+        })
+    };
+    let started = Instant::now();
+    rig.c.switchover(&old, &candidate);
+    let shown = shown
+        .join()
+        .unwrap()
+        .expect("/cluster never showed the new leader");
+    let followed = followed
+        .join()
+        .unwrap()
+        .expect("the leader port never followed");
+    let (called, line) = witnessed
+        .join()
+        .unwrap()
+        .expect("Patroni ran no on_role_change callback within 60 s");
+    let _ = std::fs::remove_file(&conf);
+    let secs = |a: Instant, b: Instant| {
+        if a >= b {
+            a.duration_since(b).as_secs_f64()
+        } else {
+            -b.duration_since(a).as_secs_f64()
+        }
+    };
+    let gap = secs(followed, shown);
+    report(
+        "callback",
+        format!(
+            "cluster_update_interval 10: new leader {candidate} in /cluster {:.2}s after patronictl started, callback {:+.3}s and leader port {gap:+.3}s after that",
+            secs(shown, started),
+            secs(called, shown)
+        ),
+    );
+    assert!(
+        line.contains(" /update_clusters HTTP/1."),
+        "the callback sent {line:?}"
+    );
+    assert!(
+        gap <= 0.5,
+        "the leader port followed {gap:.3}s after /cluster showed {candidate}"
+    );
+    assert_eq!(
+        whereami(rig.rw, CONNECT).unwrap(),
+        (false, rig.c.node(&candidate).pg.port())
+    );
+    rig.c.run(&["wait"]);
 }

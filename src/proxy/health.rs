@@ -18,7 +18,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};
 use slab::Slab;
 
-use super::admin::{Front, Step, ADMIN_IDLE};
+use super::admin::{Accepted, Front, Step, ACCEPT_BATCH, ADMIN_IDLE};
 use super::ports::bind;
 use super::sys;
 use super::timer::Timer;
@@ -413,9 +413,21 @@ impl Proxy {
 
     pub(super) fn accept_health(&mut self) {
         let now = Instant::now();
-        if let Some(f) = self.health.front.as_mut() {
-            for (key, id, deadline) in f.accept(self.poll.registry(), now) {
-                self.timers.add(deadline, Timer::Health(key, id));
+        for _ in 0..ACCEPT_BATCH {
+            let Some(f) = self.health.front.as_mut() else {
+                break;
+            };
+            match f.accept_one(self.poll.registry(), now) {
+                Accepted::Conn(key, id, deadline) => {
+                    self.timers.add(deadline, Timer::Health(key, id));
+                    self.health_event(key, None);
+                }
+                Accepted::Done => break,
+                Accepted::Paused(wait) => {
+                    // accept_one checks the clock; the timer only wakes us.
+                    self.timers.add(now + wait, Timer::HealthAcceptResume);
+                    break;
+                }
             }
         }
         if let Some(a) = self.health.agent.as_mut() {

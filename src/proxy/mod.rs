@@ -272,6 +272,8 @@ impl Proxy {
                 Timer::Health(key, id) => self.health_deadline(key, id, now),
                 Timer::Agent(key, id) => self.agent_deadline(key, id, now),
                 Timer::AcceptResume => self.accept.paused = false,
+                Timer::AdminAcceptResume => self.admin.front.paused_until = None,
+                Timer::HealthAcceptResume => {} // accept_health runs every turn
                 Timer::Housekeeping => {
                     self.housekeeping(now);
                     self.timers.add(now + HOUSEKEEPING, Timer::Housekeeping);
@@ -304,7 +306,11 @@ impl Proxy {
             Timer::Agent(key, id) => agents
                 .and_then(|c| c.get(key))
                 .is_some_and(|c| c.id == id && c.deadline == at),
-            Timer::AcceptResume | Timer::Housekeeping | Timer::Drain => true,
+            Timer::AcceptResume
+            | Timer::AdminAcceptResume
+            | Timer::HealthAcceptResume
+            | Timer::Housekeeping
+            | Timer::Drain => true,
         });
     }
 }

@@ -426,7 +426,9 @@ fn refresh_backends(l: &mut Listener, topo: Option<&Topology>) -> Vec<Eviction> 
 fn eviction_reason(x: &topology::Exclusion) -> CloseReason {
     match x {
         topology::Exclusion::LagUnknown | topology::Exclusion::LagOver { .. } => CloseReason::Lag,
-        topology::Exclusion::NoAddress => CloseReason::Removed,
+        topology::Exclusion::NoAddress | topology::Exclusion::Unroutable(..) => {
+            CloseReason::Removed
+        }
         topology::Exclusion::Role(_)
         | topology::Exclusion::SplitBrain
         | topology::Exclusion::State(_)

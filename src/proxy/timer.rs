@@ -26,6 +26,10 @@ pub enum Timer {
     Agent(usize, u64),
     /// Resume accepting after running out of file descriptors.
     AcceptResume,
+    /// The same for the admin listener.
+    AdminAcceptResume,
+    /// Wakes the loop to accept health checks again after a pause.
+    HealthAcceptResume,
     /// Once a second: staleness, dead updaters.
     Housekeeping,
     /// The SIGTERM drain deadline.

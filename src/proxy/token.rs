@@ -25,6 +25,9 @@ pub const MAX_ADMIN_CONNS: usize = HEALTH_BASE - ADMIN_BASE;
 pub const MAX_HEALTH_CONNS: usize = AGENT_BASE - HEALTH_BASE;
 pub const MAX_AGENT_CONNS: usize = SESSION_BASE - AGENT_BASE;
 
+// The config refuses more ports than the listener range holds.
+const _: () = assert!(crate::config::MAX_PORTS <= MAX_LISTENERS);
+
 /// Which socket of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
