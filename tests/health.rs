@@ -297,3 +297,42 @@ fn every_metric_is_documented_in_man_5() {
         );
     }
 }
+
+#[test]
+fn reload_adds_moves_and_removes_the_health_listeners() {
+    let mock = MockPatroni::start(&util::fixture("patroni-4.1.5/normal.json", &addrs()));
+    let (admin, rw, h1, h2, ag) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    let ports = format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}");
+    let cfg = |extra: &str| util::config(admin, &[mock.url()], &ports, extra);
+    let proxy = Proxy::start(&cfg(""));
+    let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
+    assert!(TcpStream::connect(a(h1)).is_err());
+    proxy.rewrite_config(&cfg(&format!(
+        "health: {{listen: \"127.0.0.1:{h1}\", agent_listen: \"127.0.0.1:{ag}\"}}\n"
+    )));
+    proxy.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
+        a(h1)
+    )
+    .is_ok()
+        && ask(a(h1), "GET", "/main/node1/primary").0 == 200));
+    assert_eq!(agent(a(ag), b"/main/node1/primary\n"), "up ready\n");
+    proxy.rewrite_config(&cfg(&format!("health: {{listen: \"127.0.0.1:{h2}\"}}\n")));
+    proxy.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
+        a(h2)
+    )
+    .is_ok()));
+    assert_eq!(ask(a(h2), "GET", "/main/node2/replica").0, 200);
+    assert!(wait_until(Duration::from_secs(5), || TcpStream::connect(
+        a(h1)
+    )
+    .is_err()
+        && TcpStream::connect(a(ag)).is_err()));
+}
