@@ -554,6 +554,12 @@ fn generic(path: &str, q: &Query, t: &Topology, m: &Member) -> (u16, String) {
 
 /// Patroni's `replica_status_code`.
 fn replica_ok(q: &Query, m: &Member) -> (u16, String) {
+    if !matches!(
+        m.role,
+        Role::Replica | Role::SyncStandby | Role::QuorumStandby
+    ) {
+        return (503, format!("role {}, not a replica", m.role.as_str()));
+    }
     if m.tags.iter().any(|t| t.key == "noloadbalance" && t.truthy) {
         return (503, "tagged noloadbalance".into());
     }
@@ -565,12 +571,6 @@ fn replica_ok(q: &Query, m: &Member) -> (u16, String) {
             }
             Some(_) => {}
         }
-    }
-    if !matches!(
-        m.role,
-        Role::Replica | Role::SyncStandby | Role::QuorumStandby
-    ) {
-        return (503, format!("role {}, not a replica", m.role.as_str()));
     }
     if !pg_running(m) {
         return (503, format!("state {:?}", m.state));
