@@ -493,8 +493,18 @@ fn l_prometheus_scrapes_the_proxy() {
     );
     let web = SocketAddr::from(([127, 0, 0, 1], web));
     let query = |q: &str| -> Value {
-        let q = q.replace(' ', "%20").replace('"', "%22");
-        http_get(web, &format!("/api/v1/query?query={q}"))
+        let q: String = q
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b == b'_' {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        // HTTP/1.0: Prometheus closes the connection after its answer.
+        util::http_request(web, "GET", &format!("/api/v1/query?query={q}"), "HTTP/1.0")
             .ok()
             .and_then(|(code, body)| (code == 200).then(|| serde_json::from_str(&body).ok()))
             .flatten()
