@@ -119,6 +119,61 @@ fn clusters_json_shows_members_ports_and_connections() {
 }
 
 #[test]
+fn clusters_json_counts_sessions_bytes_and_polls() {
+    let (nodes, api) = three_nodes(0);
+    let (rw, ro) = (free_port(), free_port());
+    let proxy = Proxy::start(&config(
+        free_port(),
+        &[api.url()],
+        &ports_yaml(rw, ro, "roles: [async], backend_wait_timeout: 0"),
+        "",
+    ));
+    proxy.wait_backends("main", "ro", &["node2", "node3"]);
+    let rig = Rig {
+        nodes,
+        api,
+        proxy,
+        admin: 0,
+        rw,
+        ro,
+    };
+    let mut c = Client::connect(local(rig.rw));
+    assert_eq!(c.greeting(), "node1");
+    assert!(c.echo("hello"));
+    drop(c);
+    // A port without a routable member refuses at once (wait 0).
+    let mut r = Client::connect(local(rig.ro));
+    r.greeting();
+    rig.api.set(&cluster(vec![member(
+        "node1",
+        "leader",
+        "running",
+        rig.nodes[0].addr,
+        None,
+    )]));
+    rig.proxy.wait_backends("main", "ro", &[]);
+    assert_eq!(r.line(), None, "closed: its member left");
+    let _ = Client::connect(local(rig.ro)).line();
+    let stats = |port: &str| rig.proxy.status()["clusters"]["main"]["ports"][port]["stats"].clone();
+    assert!(wait_until(Duration::from_secs(10), || {
+        stats("rw")["closed"]["client"] == 1 && stats("ro")["refused"]["no_member"] == 1
+    }));
+    let rw = stats("rw");
+    assert_eq!(rw["accepted"], 1);
+    assert_eq!(rw["members"]["node1"]["connects"], 1);
+    assert_eq!(rw["members"]["node1"]["bytes_up"], "hello\n".len());
+    // The greeting counts too, although the start-up examination read it.
+    assert_eq!(rw["members"]["node1"]["bytes_down"], "node1\nhello\n".len());
+    let ro = stats("ro");
+    assert_eq!(ro["accepted"], 2);
+    assert_eq!(ro["closed"]["removed"], 1, "{ro}");
+    let cluster = &rig.proxy.status()["clusters"]["main"]["stats"];
+    assert!(cluster["polls"].as_u64().unwrap() >= 2, "{cluster}");
+    assert_eq!(cluster["poll_errors"], 0);
+    assert_eq!(cluster["leader_changes"], 0);
+}
+
+#[test]
 fn sighup_changes_a_port_in_place_keeping_its_socket_and_sessions() {
     let rig = rig("");
     let pid = rig.proxy.pid();
@@ -378,4 +433,95 @@ fn systemd_is_told_ready_reloading_and_stopping() {
     proxy.signal(libc::SIGTERM);
     assert!(next().starts_with("STOPPING=1"));
     assert!(proxy.wait_exit(Duration::from_secs(5)).unwrap().success());
+}
+
+/// One `GET /` on a fresh connection: the status code and how long it took.
+fn timed_root(admin: SocketAddr) -> (Option<u16>, Duration) {
+    let started = Instant::now();
+    let code = (|| {
+        let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(20)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.split(' ').nth(1)?.parse().ok()
+    })();
+    (code, started.elapsed())
+}
+
+/// Issue 11: 500 slow and then 5,000 idle connections kept `GET /` out for
+/// 20 s and over 30 s (64 slots, each held for the 5 s idle deadline). Now
+/// a new connection takes the place of the oldest unfinished one, and
+/// liveness answers at once.
+#[test]
+fn liveness_answers_under_slow_and_idle_admin_connections() {
+    let (_n1, _api, cfg, _) = one_leader("");
+    let p = Proxy::start(&cfg);
+    let admin = p.admin;
+    let mut held = Vec::new();
+    // Slow: a request head that never ends.
+    for _ in 0..500 {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+        held.push(s);
+    }
+    let (code, slow) = timed_root(admin);
+    assert_eq!(code, Some(200), "after 500 slow connections");
+    // Idle: connected, nothing sent.
+    for _ in 0..5000 {
+        held.push(TcpStream::connect(admin).unwrap());
+    }
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        let (code, took) = timed_root(admin);
+        assert_eq!(code, Some(200), "after 5,000 idle connections");
+        idle.push(took);
+    }
+    let worst = idle.iter().max().unwrap();
+    println!("GET / with 500 slow connections: {slow:?}; with 5,500 held: worst of 5 {worst:?}");
+    assert!(
+        slow < Duration::from_secs(5) && *worst < Duration::from_secs(5),
+        "{slow:?} {idle:?}"
+    );
+    assert!(p.log().contains("admin connections all taken"));
+}
+
+/// Issue 11: under EMFILE the admin accept path logged on every loop turn.
+/// It now pauses with a backoff, logs once, and answers once descriptors
+/// are free again.
+#[test]
+fn admin_accept_pauses_on_emfile_logs_once_and_recovers() {
+    let (_n1, _api, cfg, _) = one_leader("");
+    let held = free_port();
+    let cfg = cfg.replace(
+        "    ports:\n",
+        &format!("    ports:\n      held: {{listen: \"127.0.0.1:{held}\", roles: [sync], backend_wait_timeout: 60}}\n"),
+    );
+    let p = Proxy::start_with(&cfg, |cmd| nofile_limit(cmd, 40));
+    let admin = p.admin;
+    let clients: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(local(held)).unwrap())
+        .collect();
+    assert!(p.wait_log("accept failed: Too many open files"));
+    let mut waiting: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(admin).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    assert!(p.wait_log("admin accept failed: Too many open files"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        p.log().matches("pausing admin accepts").count(),
+        1,
+        "logged once per episode, no log line per loop turn"
+    );
+    drop(clients);
+    for s in waiting.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out:?}\n{}", p.log());
+    }
 }

@@ -840,3 +840,80 @@ impl PgbenchCounts {
         }
     }
 }
+
+/// Sends SIGCONT to a process when dropped, so a failed assertion never
+/// leaves a Patroni frozen for the scenarios after it.
+struct Frozen(String);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(&self.0, "CONT");
+    }
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn j_frozen_first_api_host_is_passed_over_within_api_timeout() {
+    let c = cluster();
+    // The proxy asks a replica's API first; that Patroni is frozen with
+    // SIGSTOP: its socket accepts, but nothing answers (worse than dead).
+    let first = c.replicas()[0].name.clone();
+    let mut hosts: Vec<String> = vec![c.node(&first).api.clone()];
+    hosts.extend(
+        c.nodes
+            .iter()
+            .filter(|n| n.name != first)
+            .map(|n| n.api.clone()),
+    );
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pid = std::fs::read_to_string(format!("{state}/run/patroni{}.pid", &first[4..]))
+        .unwrap()
+        .trim()
+        .to_string();
+    let rig = rig_with_hosts(c, hosts.clone());
+    let status = |rig: &Rig| rig.proxy.status()["clusters"]["main"].clone();
+    assert_eq!(status(&rig)["api_host"], hosts[0]);
+    let leader = rig.c.leader().pg.port();
+
+    assert_eq!(signal(&pid, "STOP"), 0);
+    let _thaw = Frozen(pid);
+    let frozen_at = Instant::now();
+    // api_timeout is 2 s: the first poll after the freeze waits that long
+    // for the frozen host, then the next host answers.
+    assert!(wait_until(Duration::from_secs(15), || status(&rig)
+        ["api_host"]
+        != hosts[0]));
+    let moved = frozen_at.elapsed();
+    // Clients meanwhile: every one lands where its port says.
+    let (mut rw_ok, mut ro_ok, mut wrong, mut failed) = (0, 0, 0, 0);
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        match whereami(rig.rw, CONNECT) {
+            Ok((false, p)) if p == leader => rw_ok += 1,
+            Ok(_) => wrong += 1,
+            Err(_) => failed += 1,
+        }
+        match whereami(rig.ro, CONNECT) {
+            Ok((true, _)) => ro_ok += 1,
+            Ok(_) => wrong += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    let s = status(&rig);
+    assert_eq!(s["status"], "ok", "{s}");
+    report(
+        "frozen first API (SIGSTOP)",
+        format!(
+            "next host used after {:.1}s; over 12 s: rw {rw_ok} ok, ro {ro_ok} ok, {wrong} misrouted, {failed} failed",
+            moved.as_secs_f64()
+        ),
+    );
+    assert_eq!((wrong, failed), (0, 0));
+    assert!(
+        moved < Duration::from_secs(2 * INTERVAL as u64 + 4),
+        "{moved:?}"
+    );
+}
