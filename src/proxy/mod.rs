@@ -84,6 +84,7 @@ pub struct Proxy {
     accept: Accept,
     sessions: Slab<Session>,
     clusters: Clusters,
+    reload: control::Reload,
     pool: Pool,
     timers: Timers,
     run_queue: Vec<usize>,
@@ -126,6 +127,7 @@ impl Proxy {
             listeners: Slab::new(),
             accept: Accept::new(),
             sessions: Slab::new(),
+            reload: control::Reload::new(Arc::clone(&waker)),
             clusters: Clusters::new(waker),
             timers: Timers::default(),
             run_queue: Vec::new(),
@@ -193,6 +195,7 @@ impl Proxy {
             self.run_queued();
             if woken {
                 self.drain_updates();
+                self.finish_reload();
             }
             if signalled {
                 self.handle_signals();

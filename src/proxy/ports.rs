@@ -2,6 +2,7 @@
 //! the session cap), and refresh a port's backends after a topology change
 //! (which sessions lost their member, which waiting clients can go now).
 
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -368,22 +369,34 @@ struct Eviction {
 
 /// Sets `l`'s backends to what `topo` makes routable, logging the members
 /// that became routable or changed their draining; returns the members that
-/// are no longer routable, with why.
+/// are no longer routable, with why. Linear in members and backends: every
+/// lookup goes through a map.
 fn refresh_backends(l: &mut Listener, topo: Option<&Topology>) -> Vec<Eviction> {
     let routable = topo
         .map(|t| topology::routable(t, &l.filter))
         .unwrap_or_default();
+    let routable_set: HashSet<(&str, SocketAddr)> =
+        routable.iter().map(|r| (r.member, r.addr)).collect();
+    let mut judged: Option<HashMap<&str, std::result::Result<SocketAddr, topology::Exclusion>>> =
+        None;
     let mut evicted = Vec::new();
     for b in &l.backends.list {
-        if routable.iter().any(|r| b.is(r)) {
+        if routable_set.contains(&(&*b.member, b.addr)) {
             continue;
         }
-        let (reason, why) = match topo.and_then(|t| t.member(&b.member).map(|m| (t, m))) {
+        // Why, for the log: judged once per refresh, and only when needed.
+        let judged = judged.get_or_insert_with(|| {
+            topo.map(|t| {
+                topology::judge_all(t, &l.filter)
+                    .map(|(m, r)| (m.name.as_str(), r))
+                    .collect()
+            })
+            .unwrap_or_default()
+        });
+        let (reason, why) = match judged.get(&*b.member) {
             None => (CloseReason::Removed, "removed from the cluster".to_string()),
-            Some((t, m)) => match topology::eligibility(t, m, &l.filter) {
-                Err(x) => (eviction_reason(&x), x.to_string()),
-                Ok(addr) => (CloseReason::Removed, format!("address changed to {addr}")),
-            },
+            Some(Err(x)) => (eviction_reason(x), x.to_string()),
+            Some(Ok(addr)) => (CloseReason::Removed, format!("address changed to {addr}")),
         };
         let target = Target {
             member: b.member.clone(),
@@ -396,8 +409,14 @@ fn refresh_backends(l: &mut Listener, topo: Option<&Topology>) -> Vec<Eviction> 
             why,
         });
     }
+    let current: HashMap<(&str, SocketAddr), &super::listener::Backend> = l
+        .backends
+        .list
+        .iter()
+        .map(|b| ((&*b.member, b.addr), b))
+        .collect();
     for r in &routable {
-        match l.backends.list.iter().find(|b| b.is(r)) {
+        match current.get(&(r.member, r.addr)) {
             None => info!(
                 "port={} member={} addr={} routable{}",
                 l.label,

@@ -65,6 +65,12 @@ impl<'a> StatsView<'a> {
     }
 }
 
+/// Most member x port cells `GET /clusters` renders per cluster; beyond,
+/// members are listed without their per-port table, and ports with backend
+/// counts instead of lists and without per-member stats, so one response
+/// stays within a few MB and milliseconds of the loop.
+pub const MAX_STATUS_CELLS: usize = 20_000;
+
 impl Proxy {
     /// The counters, read-only.
     pub(super) fn stats(&self) -> StatsView<'_> {
@@ -98,19 +104,38 @@ impl Proxy {
                 .iter()
                 .filter(|(_, l)| &l.cluster == name)
                 .collect();
+            // Each port judges every member once (linear); the per-member
+            // table is left out where it would exceed MAX_STATUS_CELLS.
+            let count = c.topology.as_ref().map_or(0, |t| t.members.len());
+            let detailed = count.saturating_mul(listeners.len()) <= MAX_STATUS_CELLS;
+            let judged: Vec<Vec<_>> = match (&c.topology, detailed) {
+                (Some(t), true) => listeners
+                    .iter()
+                    .map(|(_, l)| topology::judge_all(t, &l.filter).map(|(_, r)| r).collect())
+                    .collect(),
+                _ => Vec::new(),
+            };
             let members: Vec<Value> = c
                 .topology
                 .iter()
-                .flat_map(|t| t.members.iter().map(move |m| (t, m)))
-                .map(|(t, m)| {
-                    let mut ports = serde_json::Map::new();
-                    for (_, l) in &listeners {
-                        let v = match topology::eligibility(t, m, &l.filter) {
-                            Ok(addr) => json!({"routable": true, "addr": addr.to_string()}),
-                            Err(x) => json!({"routable": false, "reason": x.to_string()}),
-                        };
-                        ports.insert(l.port_name().to_string(), v);
-                    }
+                .flat_map(|t| t.members.iter().enumerate())
+                .map(|(i, m)| {
+                    let ports = if detailed {
+                        let mut ports = serde_json::Map::new();
+                        for (li, (_, l)) in listeners.iter().enumerate() {
+                            let v = match &judged[li][i] {
+                                Ok(addr) => json!({"routable": true, "addr": addr.to_string()}),
+                                Err(x) => json!({"routable": false, "reason": x.to_string()}),
+                            };
+                            ports.insert(l.port_name().to_string(), v);
+                        }
+                        Value::Object(ports)
+                    } else {
+                        json!(format!(
+                            "left out: {count} members x {} ports exceed {MAX_STATUS_CELLS}; see each port's backends",
+                            listeners.len()
+                        ))
+                    };
                     json!({
                         "name": m.name, "role": m.role.as_str(), "state": m.state,
                         "host": m.host, "port": m.port, "timeline": m.timeline,
@@ -122,14 +147,21 @@ impl Proxy {
             let mut ports = serde_json::Map::new();
             for (lk, l) in &listeners {
                 let (sessions, waiting) = view.gauges.get(*lk).copied().unwrap_or_default();
-                let backends: Vec<Value> = l
-                    .backends
-                    .list
-                    .iter()
-                    .map(|b| {
-                        json!({"member": &*b.member, "addr": b.addr.to_string(), "active": b.active, "draining": b.draining})
+                let backends: Value = if detailed {
+                    l.backends
+                        .list
+                        .iter()
+                        .map(|b| {
+                            json!({"member": &*b.member, "addr": b.addr.to_string(), "active": b.active, "draining": b.draining})
+                        })
+                        .collect()
+                } else {
+                    json!({
+                        "count": l.backends.list.len(),
+                        "active": l.backends.list.iter().map(|b| u64::from(b.active)).sum::<u64>(),
                     })
-                    .collect();
+                };
+                let stats = port_stats.remove(&(l.cluster.as_str(), l.port_name()));
                 ports.insert(
                     l.port_name().to_string(),
                     json!({
@@ -140,7 +172,7 @@ impl Proxy {
                         "backends": backends,
                         "sessions": sessions,
                         "waiting": waiting,
-                        "stats": port_stats.remove(&(l.cluster.as_str(), l.port_name())),
+                        "stats": if detailed { json!(stats) } else { json!("left out with the member table") },
                     }),
                 );
             }
