@@ -44,6 +44,8 @@ pub struct Config {
     pub buffer_size: usize,
     pub listen_backlog: u32,
     pub tcp_keepalive: Option<Keepalive>,
+    /// `TCP_USER_TIMEOUT` on backend sockets; `None`: the kernel's.
+    pub tcp_user_timeout: Option<Duration>,
     /// Bulk transfers go through kernel pipes (`splice(2)`).
     pub splice: bool,
     /// Replay a PostgreSQL start-up that a server going away refuses.
@@ -81,6 +83,8 @@ pub struct PortConfig {
     pub backend_wait_timeout: Duration,
     /// Lag grace and hysteresis, preference, fallback.
     pub policy: PortPolicy,
+    /// Held clients beyond this are refused at once; `None`: no cap.
+    pub max_waiting: Option<usize>,
 }
 
 impl Config {
@@ -123,6 +127,7 @@ struct RawConfig {
     buffer_size: Option<u64>,
     listen_backlog: Option<u32>,
     tcp_keepalive: Option<RawKeepalive>,
+    tcp_user_timeout: Option<f64>,
     splice: Option<bool>,
     startup_replay: Option<bool>,
     clusters: BTreeMap<String, RawCluster>,
@@ -159,6 +164,7 @@ struct RawPort {
     prefer: Option<Vec<String>>,
     fallback: Option<Vec<String>>,
     fallback_return: Option<String>,
+    max_waiting: Option<u64>,
 }
 
 /// Reads and validates the file at `path`.
@@ -278,6 +284,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         );
     }
     let tcp_keepalive = keepalive(&mut p, raw.tcp_keepalive);
+    let user_timeout = p.seconds("tcp_user_timeout", raw.tcp_user_timeout, 30.0, true);
 
     let mut clusters = Vec::new();
     for (cname, rc) in raw.clusters {
@@ -298,6 +305,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             buffer_size: buffer_size as usize,
             listen_backlog,
             tcp_keepalive,
+            tcp_user_timeout: (!user_timeout.is_zero()).then_some(user_timeout),
             splice: raw.splice.unwrap_or(true),
             startup_replay: raw.startup_replay.unwrap_or(true),
             clusters,
@@ -378,6 +386,12 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
         }
         let roles = role_list(p, &format!("{pp}.roles"), &rp.roles);
         let policy = port_policy(p, &pp, &rp, &roles);
+        if let Some(n) = rp.max_waiting.filter(|n| *n > 1_000_000) {
+            p.add(
+                &format!("{pp}.max_waiting"),
+                format!("{n} is out of range; expected 0 to 1000000"),
+            );
+        }
         if rp.host_port == Some(0) {
             p.add(
                 &format!("{pp}.host_port"),
@@ -394,6 +408,7 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
             max_lag_in_bytes: rp.max_lag_in_bytes,
             backend_wait_timeout,
             policy,
+            max_waiting: rp.max_waiting.map(|n| n as usize),
         });
     }
     ClusterConfig { name, hosts, ports }

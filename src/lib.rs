@@ -7,9 +7,9 @@
 //!
 //! Dependency direction (nothing points back up):
 //! `main -> {config, proxy}`;
-//! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error}`;
-//! `updater -> {patroni, topology}`; `config -> {topology, error}`;
-//! `patroni -> topology`. `topology`, `pgwire`, `admin`, `signals`, `notify`
+//! `proxy -> {updater, config, topology, policy, admin, pgwire, signals, notify, error}`;
+//! `updater -> {patroni, topology}`; `config -> {topology, policy, error}`;
+//! `policy -> topology`; `patroni -> topology`. `topology`, `pgwire`, `admin`, `signals`, `notify`
 //! and `error` depend on nothing of ours. The loop and the updater threads
 //! share only the message types in `updater`. Every libc call and every
 //! `unsafe` block is in `proxy::sys`.

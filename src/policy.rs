@@ -325,6 +325,11 @@ impl LagTracker {
         LagTracker::default()
     }
 
+    /// See [`LagTracker::with_interval`].
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.spacing = interval * 3 / 4;
+    }
+
     /// Polls count towards a return at most about once per `interval`
     /// (three quarters of it, for jitter), so the updater's faster polling
     /// after a change, which repeats the same Patroni figures, does not

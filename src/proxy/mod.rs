@@ -254,6 +254,7 @@ impl Proxy {
                     self.timers.add(now + HOUSEKEEPING, Timer::Housekeeping);
                 }
                 Timer::Drain => {} // checked after reaping
+                Timer::LagGrace(lk) => self.lag_deadline(lk, now),
             }
         }
     }
@@ -265,7 +266,8 @@ impl Proxy {
         if self.timers.len() <= 2 * live + 64 {
             return;
         }
-        let (sessions, admins) = (&self.sessions, &self.admin.front.conns);
+        let (sessions, admins, listeners) =
+            (&self.sessions, &self.admin.front.conns, &self.listeners);
         self.timers.retain(|at, t| match t {
             Timer::Session(key, id) => sessions
                 .get(key)
@@ -273,6 +275,7 @@ impl Proxy {
             Timer::Admin(key, id) => admins
                 .get(key)
                 .is_some_and(|a| a.id == id && a.deadline == at),
+            Timer::LagGrace(lk) => listeners.get(lk).is_some_and(|l| l.lag_timer == Some(at)),
             Timer::AcceptResume | Timer::Housekeeping | Timer::Drain => true,
         });
     }
