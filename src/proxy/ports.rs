@@ -214,7 +214,10 @@ impl Proxy {
         for e in events {
             info!("port={} {e}", l.label);
             match e {
-                LagEvent::Evicted { .. } => l.stats.lag_evictions += 1,
+                LagEvent::Evicted { close, .. } => {
+                    l.stats.lag_evictions += 1;
+                    l.stats.lag_closes += u64::from(close.is_some());
+                }
                 LagEvent::Closed { .. } => l.stats.lag_closes += 1,
                 LagEvent::Returned { .. } => l.stats.lag_returns += 1,
             }

@@ -128,8 +128,8 @@ pub struct PortStats {
     pub closed: ByReason,
     /// Members evicted for lag (no new clients).
     pub lag_evictions: u64,
-    /// Members whose sessions were closed for lag after their eviction
-    /// (`lag_grace` ran out, or `max_lag_in_bytes_close`).
+    /// Times a member's sessions were closed for lag: with the eviction
+    /// (`lag_grace` 0, or over `max_lag_in_bytes_close`) or after it.
     pub lag_closes: u64,
     /// Members back from a lag eviction.
     pub lag_returns: u64,

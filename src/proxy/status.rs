@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::listener::Listener;
 use super::stats::{ClusterStats, MemberStats, PortStats, ProxyStats};
 use super::Proxy;
-use crate::topology;
+use crate::policy;
 
 /// A read-only view of the counters, with the gauges counted from the
 /// session table.
@@ -98,16 +98,33 @@ impl Proxy {
                 .iter()
                 .filter(|(_, l)| &l.cluster == name)
                 .collect();
+            // The same plan the port routes by, so this view and the routing
+            // agree on what "routable" means.
+            let plans: Vec<(&Listener, policy::Plan)> = match &c.topology {
+                Some(t) => listeners
+                    .iter()
+                    .map(|(_, l)| (*l, policy::plan(t, &l.filter, &l.policy, &l.lag)))
+                    .collect(),
+                None => Vec::new(),
+            };
             let members: Vec<Value> = c
                 .topology
                 .iter()
-                .flat_map(|t| t.members.iter().map(move |m| (t, m)))
-                .map(|(t, m)| {
+                .flat_map(|t| t.members.iter())
+                .map(|m| {
                     let mut ports = serde_json::Map::new();
-                    for (_, l) in &listeners {
-                        let v = match topology::eligibility(t, m, &l.filter) {
-                            Ok(addr) => json!({"routable": true, "addr": addr.to_string()}),
-                            Err(x) => json!({"routable": false, "reason": x.to_string()}),
+                    for (l, plan) in &plans {
+                        let route = plan.routes.iter().find(|r| r.member == m.name);
+                        let v = match (route, plan.excluded.iter().find(|(n, _)| *n == m.name)) {
+                            (Some(r), _) => json!({
+                                "routable": true, "addr": r.addr.to_string(),
+                                "new_clients": r.hold.is_none(),
+                                "hold": r.hold.map(|h| h.to_string()),
+                            }),
+                            (None, Some((_, why))) => {
+                                json!({"routable": false, "reason": why.to_string(), "reason_label": why.label()})
+                            }
+                            (None, None) => json!({"routable": false}),
                         };
                         ports.insert(l.port_name().to_string(), v);
                     }
@@ -137,6 +154,7 @@ impl Proxy {
                         "roles": l.filter.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
                         "host_port": l.filter.host_port,
                         "max_lag_in_bytes": l.filter.max_lag_in_bytes,
+                        "fallback_active": l.fallback_active,
                         "backends": backends,
                         "sessions": sessions,
                         "waiting": waiting,
