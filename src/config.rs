@@ -817,6 +817,25 @@ mod tests {
     }
 
     #[test]
+    fn user_timeout_and_max_waiting() {
+        let c = parse("clusters: {}").unwrap();
+        assert_eq!(c.tcp_user_timeout, Some(Duration::from_secs(30)));
+        let c = parse("tcp_user_timeout: 0\nclusters: {}").unwrap();
+        assert_eq!(c.tcp_user_timeout, None);
+        let c = parse(&port("roles: [leader], max_waiting: 5")).unwrap();
+        assert_eq!(c.clusters[0].ports[0].max_waiting, Some(5));
+        assert_eq!(
+            parse(&port("roles: [leader]")).unwrap().clusters[0].ports[0].max_waiting,
+            None
+        );
+        let e = errors(&port("roles: [leader], max_waiting: 2000000"));
+        assert_eq!(
+            e,
+            ["clusters.c.ports.p.max_waiting: 2000000 is out of range; expected 0 to 1000000"]
+        );
+    }
+
+    #[test]
     fn routing_policy_keys_load() {
         let c = parse(&port(
             "roles: [sync, async], max_lag_in_bytes: 1000, max_lag_in_bytes_close: 5000, lag_grace: 30, lag_return_percent: 50, lag_return_polls: 2, prefer: [sync], fallback: [leader], fallback_return: close",
