@@ -296,3 +296,77 @@ fn the_callback_may_post_update_clusters() {
     assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
     assert!(out.ends_with("updated 1 cluster(s)\n"), "{out}");
 }
+
+/// A backend that accepts and then never reads: its receive window fills
+/// and stays shut, as with a member whose postmaster is stopped (SIGSTOP).
+fn stalled_backend() -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        if let Ok((conn, _)) = l.accept() {
+            let _ = std::io::Write::write_all(&mut &conn, b"stalled\n");
+            std::thread::sleep(Duration::from_secs(30));
+            drop(conn);
+        }
+    });
+    (addr, t)
+}
+
+/// Writes through `port` until the proxy gives up on the session; the time
+/// that took, or `None` within `limit`.
+fn write_until_closed(port: SocketAddr, limit: Duration) -> Option<Duration> {
+    let mut c = Client::connect(port);
+    assert_eq!(c.greeting(), "stalled");
+    c.stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        match std::io::Write::write(&mut c.stream, &chunk) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn tcp_user_timeout_ends_a_session_to_a_stalled_member() {
+    for (timeout, ends) in [
+        ("tcp_user_timeout: 1", true),
+        ("tcp_user_timeout: 0", false),
+    ] {
+        let (addr, _t) = stalled_backend();
+        let api = MockPatroni::start(&cluster(vec![member(
+            "node1", "leader", "running", addr, None,
+        )]));
+        let rw = free_port();
+        let proxy = Proxy::start(&config(
+            free_port(),
+            &[api.url()],
+            &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}"),
+            &format!("{timeout}\nsplice: false"),
+        ));
+        proxy.wait_backends("main", "rw", &["node1"]);
+        let took = write_until_closed(local(rw), Duration::from_secs(if ends { 20 } else { 4 }));
+        if ends {
+            let took = took.expect("the session to the stalled member never ended");
+            assert!(took < Duration::from_secs(15), "{took:?}");
+            let closed =
+                || proxy.status()["clusters"]["main"]["ports"]["rw"]["stats"]["closed"].clone();
+            assert!(
+                wait_until(Duration::from_secs(5), || closed()["server_error"] == 1),
+                "counted as a backend failure: {}",
+                closed()
+            );
+        } else {
+            assert_eq!(took, None, "without TCP_USER_TIMEOUT the session hangs on");
+        }
+    }
+}
