@@ -13,6 +13,8 @@ mod control;
 /// Topology changes while clients are connected: failover, split brain,
 /// held clients, API outages.
 mod failover;
+/// Lag grace and hysteresis, preference, fallback, max_waiting.
+mod policy;
 /// Role routing, balancing and eligibility rules, with real Patroni answers.
 mod routing;
 /// Bytes on the wire: large transfers, half-close, concurrency, connect

@@ -231,6 +231,8 @@ struct Rig {
     ro: SocketAddr,
     sync: SocketAddr,
     any: SocketAddr,
+    /// Like `ro`, with `lag_grace: 600`.
+    graced: SocketAddr,
 }
 
 fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
@@ -238,12 +240,13 @@ fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
 }
 
 fn rig_polling(c: Cluster, hosts: Vec<String>, interval: f64) -> Rig {
-    let [rw, ro, sync, any] = [0; 4].map(|_| free_port());
+    let [rw, ro, sync, any, graced] = [0; 5].map(|_| free_port());
     let ports = format!(
         "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 40}}\n\
          ro: {{listen: \"127.0.0.1:{ro}\", roles: [sync, async], max_lag_in_bytes: 1048576}}\n\
          sync: {{listen: \"127.0.0.1:{sync}\", roles: [sync], backend_wait_timeout: 0}}\n\
-         any: {{listen: \"127.0.0.1:{any}\", roles: [any]}}"
+         any: {{listen: \"127.0.0.1:{any}\", roles: [any]}}\n\
+         graced: {{listen: \"127.0.0.1:{graced}\", roles: [sync, async], max_lag_in_bytes: 1048576, lag_grace: 600}}"
     );
     let cfg = util::config(free_port(), &hosts, &ports, "").replace(
         "cluster_update_interval: 0.2",
@@ -264,6 +267,7 @@ fn rig_polling(c: Cluster, hosts: Vec<String>, interval: f64) -> Rig {
         ro: a(ro),
         sync: a(sync),
         any: a(any),
+        graced: a(graced),
     }
 }
 
@@ -513,6 +517,13 @@ fn e_lagging_replica_is_evicted_and_returns() {
     let sessions = one_session_per_replica(&rig);
     let victim_port = sessions[0].0;
     let victim = rig.c.by_port(victim_port).name.clone();
+    // A long session on the victim through the port with lag_grace.
+    let mut graced = (0..10)
+        .find_map(|_| {
+            let mut s = Pg::connect(rig.graced, CONNECT).unwrap();
+            (s.whereami().unwrap().1 == victim_port).then_some(s)
+        })
+        .expect("a session on the victim through the graced port");
     // Patroni 4.1 reports replay_lag: pause replay. Patroni resumes a
     // paused replay by itself (PostgreSQL 14+) unless the cluster is in
     // maintenance mode, so pause Patroni first. Older Patronis report only
@@ -570,6 +581,18 @@ fn e_lagging_replica_is_evicted_and_returns() {
     );
     // The `any` port has no lag limit: the member stays there.
     assert!(rig.proxy.backends("main", "any").contains(&victim));
+    // With lag_grace the long session lives on, and new clients avoid it.
+    assert!(
+        graced.query("SELECT 1").is_ok(),
+        "a session within lag_grace is kept"
+    );
+    for _ in 0..4 {
+        assert_ne!(whereami(rig.graced, CONNECT).unwrap().1, victim_port);
+    }
+    report(
+        "lag with grace",
+        format!("{victim} evicted on both lag-limited ports; its session on the lag_grace port kept, on the other closed"),
+    );
     match walreceiver {
         None => {
             direct.query("SELECT pg_wal_replay_resume()").unwrap();
@@ -583,6 +606,10 @@ fn e_lagging_replica_is_evicted_and_returns() {
             .backends("main", "ro")
             .contains(&victim)),
         "the replica came back once it caught up"
+    );
+    assert!(
+        graced.query("SELECT 1").is_ok(),
+        "and it never lost the session"
     );
     writer.query("DROP TABLE pp_lag").unwrap();
 }
@@ -1112,8 +1139,8 @@ fn k_every_api_unreachable_beyond_topology_ttl() {
         })
         .collect();
     let at = Instant::now();
-    assert!(wait_until(Duration::from_secs(15), || proxy.status()["clusters"]
-        ["main"]["status"]
+    assert!(wait_until(Duration::from_secs(15), || proxy.status()
+        ["clusters"]["main"]["status"]
         == "stale"));
     let stale_after = at.elapsed();
     let refused = (0..5)
@@ -1122,8 +1149,8 @@ fn k_every_api_unreachable_beyond_topology_ttl() {
     let kept = open.whereami().is_ok();
     drop(frozen); // SIGCONT to all
     let thawed = Instant::now();
-    assert!(wait_until(Duration::from_secs(20), || proxy.status()["clusters"]
-        ["main"]["status"]
+    assert!(wait_until(Duration::from_secs(20), || proxy.status()
+        ["clusters"]["main"]["status"]
         == "ok"));
     let fresh_after = thawed.elapsed();
     let routes_again = whereami(rw, CONNECT).is_ok();

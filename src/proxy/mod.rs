@@ -258,6 +258,7 @@ impl Proxy {
                     self.timers.add(now + HOUSEKEEPING, Timer::Housekeeping);
                 }
                 Timer::Drain => {} // checked after reaping
+                Timer::LagGrace(lk) => self.lag_deadline(lk, now),
             }
         }
     }
@@ -269,7 +270,8 @@ impl Proxy {
         if self.timers.len() <= 2 * live + 64 {
             return;
         }
-        let (sessions, admins) = (&self.sessions, &self.admin.front.conns);
+        let (sessions, admins, listeners) =
+            (&self.sessions, &self.admin.front.conns, &self.listeners);
         self.timers.retain(|at, t| match t {
             Timer::Session(key, id) => sessions
                 .get(key)
@@ -277,6 +279,7 @@ impl Proxy {
             Timer::Admin(key, id) => admins
                 .get(key)
                 .is_some_and(|a| a.id == id && a.deadline == at),
+            Timer::LagGrace(lk) => listeners.get(lk).is_some_and(|l| l.lag_timer == Some(at)),
             Timer::AcceptResume | Timer::AdminAcceptResume | Timer::Housekeeping | Timer::Drain => {
                 true
             }

@@ -36,6 +36,11 @@ pub enum CloseReason {
     Lag,
     /// Its member left the cluster or changed its address.
     Removed,
+    /// A fallback member's session, once the port's own roles were back
+    /// (`fallback_return: close`).
+    FallbackReturn,
+    /// Refused at once: `max_waiting` clients were already held.
+    TooManyWaiting,
     /// Its port was removed or moved to another cluster by a reload.
     PortClosed,
     /// SIGTERM before it reached a backend.
@@ -51,7 +56,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::Client,
         CloseReason::Server,
         CloseReason::ClientError,
@@ -60,6 +65,8 @@ impl CloseReason {
         CloseReason::RoleLost,
         CloseReason::Lag,
         CloseReason::Removed,
+        CloseReason::FallbackReturn,
+        CloseReason::TooManyWaiting,
         CloseReason::PortClosed,
         CloseReason::Shutdown,
         CloseReason::Stale,
@@ -79,6 +86,8 @@ impl CloseReason {
             CloseReason::RoleLost => "role_lost",
             CloseReason::Lag => "lag",
             CloseReason::Removed => "removed",
+            CloseReason::FallbackReturn => "fallback_return",
+            CloseReason::TooManyWaiting => "too_many_waiting",
             CloseReason::PortClosed => "port_closed",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Stale => "stale",
@@ -117,6 +126,15 @@ pub struct PortStats {
     pub refused: ByReason,
     /// Ended while relaying, by reason.
     pub closed: ByReason,
+    /// Members evicted for lag (no new clients).
+    pub lag_evictions: u64,
+    /// Times a member's sessions were closed for lag: with the eviction
+    /// (`lag_grace` 0, or over `max_lag_in_bytes_close`) or after it.
+    pub lag_closes: u64,
+    /// Members back from a lag eviction.
+    pub lag_returns: u64,
+    /// Times new clients started going to the fallback roles.
+    pub fallbacks: u64,
 }
 
 /// One member as seen through one port.
