@@ -81,16 +81,6 @@ pub struct PortConfig {
 }
 
 impl Config {
-    /// The settings an updater thread of `cluster` depends on; when they
-    /// change on reload, that updater is restarted.
-    pub fn updater_settings(&self, cluster: &ClusterConfig) -> (Vec<String>, Duration, Duration) {
-        (
-            cluster.hosts.clone(),
-            self.cluster_update_interval,
-            self.api_timeout,
-        )
-    }
-
     /// Every listening address in the file, with the port's display name.
     pub fn ports(&self) -> impl Iterator<Item = (&ClusterConfig, &PortConfig)> {
         self.clusters
