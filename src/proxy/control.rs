@@ -18,7 +18,7 @@ use log::{error, info, warn, Level};
 use mio::net::TcpListener;
 use mio::Waker;
 
-use super::ports::bind;
+use super::ports::{bind, set_accepted_options};
 use super::session::Close;
 use super::stats::CloseReason;
 use super::timer::Timer;
@@ -219,6 +219,8 @@ impl Proxy {
                         self.close_listener_sessions(lk, "port moved to another cluster");
                     }
                     self.listeners[lk].configure(c, p);
+                    let ka = self.config.tcp_keepalive.as_ref();
+                    set_accepted_options(&self.listeners[lk].socket, addr, ka);
                 }
             }
         }

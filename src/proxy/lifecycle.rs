@@ -411,7 +411,7 @@ impl Proxy {
                 l.backends.release(&t);
             }
         }
-        s.close(self.poll.registry(), &mut self.pool);
+        s.close(&mut self.pool);
         self.closed_sessions.push(key);
     }
 }

@@ -17,7 +17,7 @@ use super::stats::CloseReason;
 use super::timer::Timer;
 use super::token::{self, Side};
 use super::{admin, buffer, sys, Proxy};
-use crate::config::{ClusterConfig, PortConfig};
+use crate::config::{ClusterConfig, Keepalive, PortConfig};
 use crate::error::{Error, Result};
 use crate::policy::{self, Hold, LagEvent};
 use crate::topology::{self, Route, Topology};
@@ -135,11 +135,9 @@ impl Proxy {
         }
     }
 
+    /// `sock` has `TCP_NODELAY` and the keepalive settings from its
+    /// listener (`sys::set_accepted_options`).
     pub(super) fn new_session(&mut self, lk: usize, sock: TcpStream, peer: SocketAddr) {
-        let _ = sock.set_nodelay(true);
-        if let Some(ka) = &self.config.tcp_keepalive {
-            let _ = sys::set_keepalive(&sock, ka);
-        }
         let id = self.next_id;
         self.next_id += 1;
         let entry = self.sessions.vacant_entry();
@@ -323,6 +321,7 @@ impl Proxy {
                 Interest::READABLE,
             )
             .map_err(|e| Error::io(format!("registering listener {}", port.listen), e))?;
+        set_accepted_options(&socket, port.listen, self.config.tcp_keepalive.as_ref());
         let l = Listener::new(socket, cluster, port);
         info!(
             "port={} listening on {} roles={:?}",
@@ -547,6 +546,14 @@ fn eviction_reason(x: &topology::Exclusion) -> CloseReason {
         | topology::Exclusion::SplitBrain
         | topology::Exclusion::State(_)
         | topology::Exclusion::NoLoadBalance => CloseReason::RoleLost,
+    }
+}
+
+/// What accepted clients inherit from the listener; a failure is logged and
+/// leaves those clients with the kernel's defaults (Nagle on, no keepalive).
+pub(super) fn set_accepted_options(l: &TcpListener, addr: SocketAddr, ka: Option<&Keepalive>) {
+    if let Err(e) = sys::set_accepted_options(l, ka) {
+        warn!("listener {addr}: setting TCP_NODELAY and keepalive for its clients: {e}");
     }
 }
 
