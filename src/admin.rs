@@ -141,6 +141,18 @@ pub fn parse_request_with(buf: &[u8], routes: &[(&str, Route)]) -> Parse {
         "GET" => false,
         "HEAD" => true,
         "OPTIONS" if catch_all.is_some() => true,
+        // The Patroni callback's hint: `POST /update_clusters`, no body.
+        "POST" if target.split(['?', '#']).next() == Some("/update_clusters") => {
+            let has_body = head.lines().any(|l| {
+                let (k, v) = l.split_once(':').unwrap_or((l, ""));
+                (k.eq_ignore_ascii_case("content-length") && v.trim() != "0")
+                    || k.eq_ignore_ascii_case("transfer-encoding")
+            });
+            if has_body {
+                return bad("POST /update_clusters takes no body");
+            }
+            false
+        }
         _ => {
             return Parse::Reject(Response::text(405, "only GET and HEAD are supported\n").allow())
         }
@@ -368,6 +380,17 @@ mod tests {
     fn rejects() {
         assert_eq!(status(b"GET /nope HTTP/1.1\r\n\r\n"), 404);
         assert_eq!(status(b"POST / HTTP/1.1\r\n\r\n"), 405);
+        assert_eq!(status(b"POST /clusters HTTP/1.1\r\n\r\n"), 405);
+        assert_eq!(
+            status(b"POST /update_clusters HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"),
+            400
+        );
+        let r = ok("POST /update_clusters HTTP/1.0\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!((r.route, r.head_only), (Route::UpdateClusters, false));
+        assert_eq!(
+            ok("POST /update_clusters HTTP/1.1\r\n\r\n").route,
+            Route::UpdateClusters
+        );
         assert_eq!(status(b"GET / HTTP/2.0\r\n\r\n"), 400);
         assert_eq!(status(b"GET /\r\n\r\n"), 400);
         assert_eq!(status(b"GET / HTTP/1.1 extra\r\n\r\n"), 400);

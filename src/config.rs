@@ -45,6 +45,8 @@ pub struct Config {
     pub buffer_size: usize,
     pub listen_backlog: u32,
     pub tcp_keepalive: Option<Keepalive>,
+    /// `TCP_USER_TIMEOUT` on backend sockets; `None`: the kernel's.
+    pub tcp_user_timeout: Option<Duration>,
     /// Bulk transfers go through kernel pipes (`splice(2)`).
     pub splice: bool,
     /// Replay a PostgreSQL start-up that a server going away refuses.
@@ -94,6 +96,8 @@ pub struct PortConfig {
     pub backend_wait_timeout: Duration,
     /// Lag grace and hysteresis, preference, fallback.
     pub policy: PortPolicy,
+    /// Held clients beyond this are refused at once; `None`: no cap.
+    pub max_waiting: Option<usize>,
 }
 
 impl Config {
@@ -136,6 +140,7 @@ struct RawConfig {
     buffer_size: Option<u64>,
     listen_backlog: Option<u32>,
     tcp_keepalive: Option<RawKeepalive>,
+    tcp_user_timeout: Option<f64>,
     splice: Option<bool>,
     startup_replay: Option<bool>,
     clusters: BTreeMap<String, RawCluster>,
@@ -181,6 +186,7 @@ struct RawPort {
     prefer: Option<Vec<String>>,
     fallback: Option<Vec<String>>,
     fallback_return: Option<String>,
+    max_waiting: Option<u64>,
 }
 
 /// Reads and validates the file at `path`.
@@ -318,6 +324,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         );
     }
     let tcp_keepalive = keepalive(&mut p, raw.tcp_keepalive);
+    let user_timeout = p.seconds("tcp_user_timeout", raw.tcp_user_timeout, 30.0, true);
 
     let mut clusters = Vec::new();
     for (cname, rc) in raw.clusters {
@@ -339,6 +346,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             buffer_size: buffer_size as usize,
             listen_backlog,
             tcp_keepalive,
+            tcp_user_timeout: (!user_timeout.is_zero()).then_some(user_timeout),
             splice: raw.splice.unwrap_or(true),
             startup_replay: raw.startup_replay.unwrap_or(true),
             clusters,
@@ -420,6 +428,12 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
         }
         let roles = role_list(p, &format!("{pp}.roles"), &rp.roles);
         let policy = port_policy(p, &pp, &rp, &roles);
+        if let Some(n) = rp.max_waiting.filter(|n| *n > 1_000_000) {
+            p.add(
+                &format!("{pp}.max_waiting"),
+                format!("{n} is out of range; expected 0 to 1000000"),
+            );
+        }
         if rp.host_port == Some(0) {
             p.add(
                 &format!("{pp}.host_port"),
@@ -436,6 +450,7 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
             max_lag_in_bytes: rp.max_lag_in_bytes,
             backend_wait_timeout,
             policy,
+            max_waiting: rp.max_waiting.map(|n| n as usize),
         });
     }
     ClusterConfig { name, hosts, ports }
@@ -972,6 +987,25 @@ mod tests {
     }
 
     #[test]
+    fn user_timeout_and_max_waiting() {
+        let c = parse("clusters: {}").unwrap();
+        assert_eq!(c.tcp_user_timeout, Some(Duration::from_secs(30)));
+        let c = parse("tcp_user_timeout: 0\nclusters: {}").unwrap();
+        assert_eq!(c.tcp_user_timeout, None);
+        let c = parse(&port("roles: [leader], max_waiting: 5")).unwrap();
+        assert_eq!(c.clusters[0].ports[0].max_waiting, Some(5));
+        assert_eq!(
+            parse(&port("roles: [leader]")).unwrap().clusters[0].ports[0].max_waiting,
+            None
+        );
+        let e = errors(&port("roles: [leader], max_waiting: 2000000"));
+        assert_eq!(
+            e,
+            ["clusters.c.ports.p.max_waiting: 2000000 is out of range; expected 0 to 1000000"]
+        );
+    }
+
+    #[test]
     fn routing_policy_keys_load() {
         let c = parse(&port(
             "roles: [sync, async], max_lag_in_bytes: 1000, max_lag_in_bytes_close: 5000, lag_grace: 30, lag_return_percent: 50, lag_return_polls: 2, prefer: [sync], fallback: [leader], fallback_return: close",
@@ -1131,6 +1165,7 @@ mod tests {
                 max_lag_in_bytes: None,
                 backend_wait_timeout: Duration::ZERO,
                 policy: PortPolicy::default(),
+                max_waiting: None,
             })
             .collect();
         let clusters = [ClusterConfig {

@@ -7,7 +7,7 @@
 //!
 //! Dependency direction (nothing points back up):
 //! `main -> {config, proxy}`;
-//! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error, health, metrics}`;
+//! `proxy -> {updater, config, topology, policy, admin, pgwire, signals, notify, error, health, metrics}`;
 //! `updater -> {patroni, topology, dns}`;
 //! `config -> {topology, policy, error, config_guard}`; `policy -> topology`;
 //! `patroni -> topology`; `health -> {topology, patroni}` (patroni in its

@@ -325,6 +325,11 @@ impl LagTracker {
         LagTracker::default()
     }
 
+    /// See [`LagTracker::with_interval`].
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.spacing = interval * 3 / 4;
+    }
+
     /// Polls count towards a return at most about once per `interval`
     /// (three quarters of it, for jitter), so the updater's faster polling
     /// after a change, which repeats the same Patroni figures, does not
@@ -651,6 +656,7 @@ pub fn plan<'a>(
     lag: &LagTracker,
 ) -> Plan<'a> {
     let base = base_filter(filter, policy);
+    let split_brain = topo.split_brain();
     let mut out = Plan::default();
     for m in &topo.members {
         let Some(tier) = policy.tier(&filter.roles, &m.role) else {
@@ -660,7 +666,7 @@ pub fn plan<'a>(
             ));
             continue;
         };
-        let addr = match topology::eligibility(topo, m, &base) {
+        let addr = match topology::judge(split_brain, m, &base) {
             Ok(a) => a,
             Err(x) => {
                 out.excluded.push((&m.name, Reason::Rule(x)));

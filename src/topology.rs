@@ -277,8 +277,9 @@ pub fn judge_all<'a>(
         .map(move |m| (m, judge(split_brain, m, filter)))
 }
 
-/// [`eligibility`] with the topology's split brain already known.
-fn judge(split_brain: bool, m: &Member, filter: &PortFilter) -> Result<SocketAddr, Exclusion> {
+/// [`eligibility`] with the topology's split brain already known, so that a
+/// caller judging every member stays linear.
+pub fn judge(split_brain: bool, m: &Member, filter: &PortFilter) -> Result<SocketAddr, Exclusion> {
     if !filter.roles.iter().any(|r| r.accepts(&m.role)) {
         return Err(Exclusion::Role(m.role.as_str().to_string()));
     }

@@ -525,3 +525,94 @@ fn admin_accept_pauses_on_emfile_logs_once_and_recovers() {
         assert!(out.starts_with("HTTP/1.1 200"), "{out:?}\n{}", p.log());
     }
 }
+
+/// Issue 11: the reload parsed the file in the loop (a 60,000-deep YAML
+/// froze every session for 5.3 s). A FIFO as the config file makes the
+/// read block until written: the loop must go on serving meanwhile.
+#[test]
+fn reload_reads_and_parses_the_file_off_the_loop() {
+    let (n1, _api, cfg, rw) = one_leader("");
+    let p = Proxy::start(&cfg);
+    p.wait_backends("main", "rw", &["node1"]);
+    let mut session = Client::connect(local(rw));
+    assert_eq!(session.greeting(), "node1");
+    std::fs::remove_file(&p.config_path).unwrap();
+    let fifo = std::ffi::CString::new(p.config_path.to_str().unwrap()).unwrap();
+    // SAFETY: a plain libc call on a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    p.signal(libc::SIGHUP);
+    assert!(p.wait_log("SIGHUP: reloading"));
+    // The reader blocks in open(2) until a writer comes: the loop does not.
+    for _ in 0..3 {
+        let (code, took) = timed_root(p.admin);
+        assert_eq!(code, Some(200), "admin answers while the file is read");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+    assert!(session.echo("still here"), "sessions are served meanwhile");
+    assert_eq!(whoami(local(rw)), "node1");
+    std::fs::write(
+        &p.config_path,
+        cfg.replace("log_level: debug", "log_level: info"),
+    )
+    .unwrap();
+    assert!(p.wait_log("configuration reloaded"));
+    drop(n1);
+}
+
+/// Issue 11: a 10,000-member answer froze the loop per change and
+/// `GET /clusters` rendered 24 MB. Answers over 1,000 members are refused
+/// with the count; at the cap, the per-member port table is left out where
+/// members x ports would exceed 20,000 cells.
+#[test]
+fn huge_cluster_answers_are_refused_and_clusters_json_stays_bounded() {
+    let members = |n: usize| {
+        let ms: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({"name": format!("m{i:05}"), "role": "replica",
+                    "state": "streaming", "host": "127.0.0.1", "port": 1 + i, "lag": 0})
+            })
+            .collect();
+        cluster(ms)
+    };
+    let api = MockPatroni::start(&members(1001));
+    let ports: String = (0..21)
+        .map(|_| {
+            format!(
+                "p{}: {{listen: \"127.0.0.1:{}\", roles: [any]}}\n",
+                free_port(),
+                free_port()
+            )
+        })
+        .collect();
+    let p = Proxy::start(&config(free_port(), &[api.url()], &ports, ""));
+    let (code, body) = p.get("/update_clusters").unwrap();
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("`members` has 1001 entries; at most 1000 are accepted"),
+        "{body}"
+    );
+    api.set(&members(1000));
+    assert_eq!(p.update(), 200);
+    let started = Instant::now();
+    let (code, body) = p.get("/clusters").unwrap();
+    let took = started.elapsed();
+    assert_eq!(code, 200);
+    let s: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} bytes: {}",
+            body.len(),
+            &body[..body.len().min(300)]
+        )
+    });
+    let m = &s["clusters"]["main"]["members"];
+    assert_eq!(m.as_array().unwrap().len(), 1000);
+    assert!(m[0]["ports"]
+        .as_str()
+        .unwrap()
+        .starts_with("left out: 1000 members x 21 ports"));
+    println!(
+        "GET /clusters with 1,000 members x 21 ports: {} bytes in {took:?}",
+        body.len()
+    );
+    assert!(body.len() < 4 << 20, "{} bytes", body.len());
+}

@@ -17,6 +17,8 @@ mod failover;
 mod health;
 /// Prometheus output, checked by promtool.
 mod metrics;
+/// Lag grace and hysteresis, preference, fallback, max_waiting.
+mod policy;
 /// Role routing, balancing and eligibility rules, with real Patroni answers.
 mod routing;
 /// Bytes on the wire: large transfers, half-close, concurrency, connect

@@ -235,6 +235,8 @@ struct Rig {
     ro: SocketAddr,
     sync: SocketAddr,
     any: SocketAddr,
+    /// Like `ro`, with `lag_grace: 600`.
+    graced: SocketAddr,
 }
 
 fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
@@ -242,12 +244,13 @@ fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
 }
 
 fn rig_polling(c: Cluster, hosts: Vec<String>, interval: f64) -> Rig {
-    let [rw, ro, sync, any] = [0; 4].map(|_| free_port());
+    let [rw, ro, sync, any, graced] = [0; 5].map(|_| free_port());
     let ports = format!(
         "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 40}}\n\
          ro: {{listen: \"127.0.0.1:{ro}\", roles: [sync, async], max_lag_in_bytes: 1048576}}\n\
          sync: {{listen: \"127.0.0.1:{sync}\", roles: [sync], backend_wait_timeout: 0}}\n\
-         any: {{listen: \"127.0.0.1:{any}\", roles: [any]}}"
+         any: {{listen: \"127.0.0.1:{any}\", roles: [any]}}\n\
+         graced: {{listen: \"127.0.0.1:{graced}\", roles: [sync, async], max_lag_in_bytes: 1048576, lag_grace: 600}}"
     );
     let cfg = util::config(free_port(), &hosts, &ports, "").replace(
         "cluster_update_interval: 0.2",
@@ -268,6 +271,7 @@ fn rig_polling(c: Cluster, hosts: Vec<String>, interval: f64) -> Rig {
         ro: a(ro),
         sync: a(sync),
         any: a(any),
+        graced: a(graced),
     }
 }
 
@@ -517,6 +521,13 @@ fn e_lagging_replica_is_evicted_and_returns() {
     let sessions = one_session_per_replica(&rig);
     let victim_port = sessions[0].0;
     let victim = rig.c.by_port(victim_port).name.clone();
+    // A long session on the victim through the port with lag_grace.
+    let mut graced = (0..10)
+        .find_map(|_| {
+            let mut s = Pg::connect(rig.graced, CONNECT).unwrap();
+            (s.whereami().unwrap().1 == victim_port).then_some(s)
+        })
+        .expect("a session on the victim through the graced port");
     // Patroni 4.1 reports replay_lag: pause replay. Patroni resumes a
     // paused replay by itself (PostgreSQL 14+) unless the cluster is in
     // maintenance mode, so pause Patroni first. Older Patronis report only
@@ -574,6 +585,18 @@ fn e_lagging_replica_is_evicted_and_returns() {
     );
     // The `any` port has no lag limit: the member stays there.
     assert!(rig.proxy.backends("main", "any").contains(&victim));
+    // With lag_grace the long session lives on, and new clients avoid it.
+    assert!(
+        graced.query("SELECT 1").is_ok(),
+        "a session within lag_grace is kept"
+    );
+    for _ in 0..4 {
+        assert_ne!(whereami(rig.graced, CONNECT).unwrap().1, victim_port);
+    }
+    report(
+        "lag with grace",
+        format!("{victim} evicted on both lag-limited ports; its session on the lag_grace port kept, on the other closed"),
+    );
     match walreceiver {
         None => {
             direct.query("SELECT pg_wal_replay_resume()").unwrap();
@@ -587,6 +610,10 @@ fn e_lagging_replica_is_evicted_and_returns() {
             .backends("main", "ro")
             .contains(&victim)),
         "the replica came back once it caught up"
+    );
+    assert!(
+        graced.query("SELECT 1").is_ok(),
+        "and it never lost the session"
     );
     writer.query("DROP TABLE pp_lag").unwrap();
 }
@@ -1067,5 +1094,136 @@ fn j_callback_moves_the_leader_port_at_once() {
         whereami(rig.rw, CONNECT).unwrap(),
         (false, rig.c.node(&candidate).pg.port())
     );
+    rig.c.run(&["wait"]);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn k_every_api_unreachable_beyond_topology_ttl() {
+    // Every Patroni frozen (SIGSTOP) for longer than the proxy's
+    // topology_ttl (4 s) but shorter than Patroni's own TTL (20 s), so
+    // PostgreSQL and the leader key stay as they were.
+    let c = cluster();
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pids: Vec<String> = (1..=c.nodes.len())
+        .map(|i| {
+            std::fs::read_to_string(format!("{state}/run/patroni{i}.pid"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let rw = free_port();
+    let cfg = util::config(
+        free_port(),
+        &hosts,
+        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 1}}"),
+        "topology_ttl: 4\napi_timeout: 0.5",
+    )
+    .replace(
+        "cluster_update_interval: 0.2",
+        &format!("cluster_update_interval: {INTERVAL}"),
+    );
+    let proxy = Proxy::start(&cfg);
+    let leader = c.leader();
+    proxy.wait_backends("main", "rw", &[leader.name.as_str()]);
+    let rw = SocketAddr::from(([127, 0, 0, 1], rw));
+    let mut open = Pg::connect(rw, CONNECT).unwrap();
+    assert_eq!(open.whereami().unwrap(), (false, leader.pg.port()));
+
+    let frozen: Vec<Frozen> = pids
+        .into_iter()
+        .map(|pid| {
+            assert_eq!(signal(&pid, "STOP"), 0);
+            Frozen(pid)
+        })
+        .collect();
+    let at = Instant::now();
+    assert!(wait_until(Duration::from_secs(15), || proxy.status()
+        ["clusters"]["main"]["status"]
+        == "stale"));
+    let stale_after = at.elapsed();
+    let refused = (0..5)
+        .filter(|_| Pg::connect(rw, Duration::from_secs(5)).is_err())
+        .count();
+    let kept = open.whereami().is_ok();
+    drop(frozen); // SIGCONT to all
+    let thawed = Instant::now();
+    assert!(wait_until(Duration::from_secs(20), || proxy.status()
+        ["clusters"]["main"]["status"]
+        == "ok"));
+    let fresh_after = thawed.elapsed();
+    let routes_again = whereami(rw, CONNECT).is_ok();
+    report(
+        "every API frozen beyond topology_ttl=4s",
+        format!(
+            "stale after {:.1}s; new clients refused {refused}/5; open session kept: {kept}; fresh again {:.1}s after SIGCONT; routes again: {routes_again}",
+            stale_after.as_secs_f64(),
+            fresh_after.as_secs_f64()
+        ),
+    );
+    assert_eq!(refused, 5, "new clients are refused while stale");
+    assert!(kept, "open sessions are kept");
+    assert!(routes_again);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn l_etcd_frozen_beyond_patroni_ttl_and_back() {
+    // etcd frozen (SIGSTOP) for 30 s, longer than Patroni's ttl (20 s):
+    // what Patroni does, what the proxy routes each second, and that it
+    // routes writes again once etcd is back.
+    let rig = rig();
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pid = std::fs::read_to_string(format!("{state}/run/etcd.pid"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let status = || rig.proxy.status()["clusters"]["main"]["status"].clone();
+    assert_eq!(signal(&pid, "STOP"), 0);
+    let etcd = Frozen(pid);
+    let at = Instant::now();
+    let (mut primary, mut standby, mut failed, mut stale) = (0, 0, 0, 0);
+    let mut first_standby = None;
+    while at.elapsed() < Duration::from_secs(30) {
+        match whereami(rig.rw, Duration::from_secs(2)) {
+            Ok((false, _)) => primary += 1,
+            Ok((true, _)) => {
+                standby += 1;
+                first_standby.get_or_insert(at.elapsed());
+            }
+            Err(_) => failed += 1,
+        }
+        if status() == "stale" {
+            stale += 1;
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    drop(etcd); // SIGCONT
+    let back = Instant::now();
+    let mut writes_again = None;
+    while back.elapsed() < Duration::from_secs(90) {
+        if matches!(whereami(rig.rw, Duration::from_secs(2)), Ok((false, _))) {
+            writes_again = Some(back.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    report(
+        "etcd frozen 30 s (ttl 20)",
+        format!(
+            "rw samples during the freeze: {primary} reached a primary, {standby} a read-only member (first after {:?}), {failed} refused; {stale} samples with a stale topology; writes through rw again {:?} after SIGCONT",
+            first_standby.map(|d| format!("{:.1}s", d.as_secs_f64())),
+            writes_again.map(|d| format!("{:.1}s", d.as_secs_f64()))
+        ),
+    );
+    assert!(writes_again.is_some(), "rw routes to a primary again");
     rig.c.run(&["wait"]);
 }

@@ -313,10 +313,13 @@ impl Proxy {
     pub(super) fn drain_updates(&mut self) {
         while let Some(u) = self.clusters.next_update() {
             let failure = u.outcome.as_ref().err().cloned();
-            if self
-                .clusters
-                .apply(&u.cluster, u.updater, u.outcome, u.took, Instant::now())
-            {
+            let changed =
+                self.clusters
+                    .apply(&u.cluster, u.updater, u.outcome, u.took, Instant::now());
+            if failure.is_none() {
+                // Every successful poll counts for the lag rules.
+                self.observe_poll(&u.cluster, changed);
+            } else if changed {
                 self.refresh_listeners(&u.cluster);
             }
             // Answer `/update_clusters` only once the new topology is in effect.

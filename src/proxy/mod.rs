@@ -89,6 +89,7 @@ pub struct Proxy {
     accept: Accept,
     sessions: Slab<Session>,
     clusters: Clusters,
+    reload: control::Reload,
     pool: Pool,
     timers: Timers,
     run_queue: Vec<usize>,
@@ -133,6 +134,7 @@ impl Proxy {
             listeners: Slab::new(),
             accept: Accept::new(),
             sessions: Slab::new(),
+            reload: control::Reload::new(Arc::clone(&waker)),
             clusters: Clusters::new(waker),
             timers: Timers::default(),
             run_queue: Vec::new(),
@@ -212,6 +214,7 @@ impl Proxy {
             self.run_queued();
             if woken {
                 self.drain_updates();
+                self.finish_reload();
             }
             if signalled {
                 self.handle_signals();
@@ -279,6 +282,7 @@ impl Proxy {
                     self.timers.add(now + HOUSEKEEPING, Timer::Housekeeping);
                 }
                 Timer::Drain => {} // checked after reaping
+                Timer::LagGrace(lk) => self.lag_deadline(lk, now),
             }
         }
     }
@@ -290,7 +294,8 @@ impl Proxy {
         if self.timers.len() <= 2 * live + 64 {
             return;
         }
-        let (sessions, admins) = (&self.sessions, &self.admin.front.conns);
+        let (sessions, admins, listeners) =
+            (&self.sessions, &self.admin.front.conns, &self.listeners);
         let checks = self.health.front.as_ref().map(|f| &f.conns);
         let agents = self.health.agent.as_ref().map(|a| &a.conns);
         self.timers.retain(|at, t| match t {
@@ -306,6 +311,7 @@ impl Proxy {
             Timer::Agent(key, id) => agents
                 .and_then(|c| c.get(key))
                 .is_some_and(|c| c.id == id && c.deadline == at),
+            Timer::LagGrace(lk) => listeners.get(lk).is_some_and(|l| l.lag_timer == Some(at)),
             Timer::AcceptResume
             | Timer::AdminAcceptResume
             | Timer::HealthAcceptResume

@@ -38,6 +38,11 @@ pub enum CloseReason {
     Lag,
     /// Its member left the cluster or changed its address.
     Removed,
+    /// A fallback member's session, once the port's own roles were back
+    /// (`fallback_return: close`).
+    FallbackReturn,
+    /// Refused at once: `max_waiting` clients were already held.
+    TooManyWaiting,
     /// Its port was removed or moved to another cluster by a reload.
     PortClosed,
     /// SIGTERM before it reached a backend.
@@ -53,7 +58,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::Client,
         CloseReason::Server,
         CloseReason::ClientError,
@@ -62,6 +67,8 @@ impl CloseReason {
         CloseReason::RoleLost,
         CloseReason::Lag,
         CloseReason::Removed,
+        CloseReason::FallbackReturn,
+        CloseReason::TooManyWaiting,
         CloseReason::PortClosed,
         CloseReason::Shutdown,
         CloseReason::Stale,
@@ -81,6 +88,8 @@ impl CloseReason {
             CloseReason::RoleLost => "role_lost",
             CloseReason::Lag => "lag",
             CloseReason::Removed => "removed",
+            CloseReason::FallbackReturn => "fallback_return",
+            CloseReason::TooManyWaiting => "too_many_waiting",
             CloseReason::PortClosed => "port_closed",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Stale => "stale",
@@ -119,6 +128,15 @@ pub struct PortStats {
     pub refused: ByReason,
     /// Ended while relaying, by reason.
     pub closed: ByReason,
+    /// Members evicted for lag (no new clients).
+    pub lag_evictions: u64,
+    /// Times a member's sessions were closed for lag: with the eviction
+    /// (`lag_grace` 0, or over `max_lag_in_bytes_close`) or after it.
+    pub lag_closes: u64,
+    /// Members back from a lag eviction.
+    pub lag_returns: u64,
+    /// Times new clients started going to the fallback roles.
+    pub fallbacks: u64,
     /// How long clients that had to wait waited before they reached a
     /// backend (seconds).
     pub held_wait: Histogram,
@@ -130,6 +148,10 @@ impl Default for PortStats {
             accepted: 0,
             refused: ByReason::default(),
             closed: ByReason::default(),
+            lag_evictions: 0,
+            lag_closes: 0,
+            lag_returns: 0,
+            fallbacks: 0,
             held_wait: Histogram::new(WAIT_BUCKETS),
         }
     }

@@ -34,6 +34,8 @@ pub enum Timer {
     Housekeeping,
     /// The SIGTERM drain deadline.
     Drain,
+    /// A port's lag grace may run out (listener slab key).
+    LagGrace(usize),
 }
 
 #[derive(Default)]
