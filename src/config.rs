@@ -10,13 +10,14 @@
 //! and loads unchanged. No I/O here besides reading the file in [`load`].
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use log::LevelFilter;
 use serde::Deserialize;
 
+use crate::config_guard;
 use crate::error::Error;
 use crate::policy::{self, FallbackReturn, LagRules, PortPolicy};
 use crate::topology::PortRole;
@@ -170,15 +171,33 @@ struct RawPort {
 /// Reads and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Config, Error> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+    let text = read_capped(path).map_err(|e| Error::Config {
         file: file.clone(),
         problems: vec![format!("cannot read: {e}")],
     })?;
     parse(&text).map_err(|problems| Error::Config { file, problems })
 }
 
+/// Reads at most one byte more than the cap, so a huge file (or a FIFO that
+/// never ends) costs nothing; [`config_guard::precheck`] reports the size.
+fn read_capped(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(config_guard::MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// Parses and validates YAML text; the error lists every problem found.
+/// No message quotes a password that was in the text.
 pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+    parse_unredacted(text).map_err(|ps| ps.iter().map(|p| config_guard::redact(p)).collect())
+}
+
+fn parse_unredacted(text: &str) -> Result<Config, Vec<String>> {
+    config_guard::precheck(text).map_err(|e| vec![e])?;
+    config_guard::duplicate_keys(text).map_err(|e| vec![e])?;
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| vec![e.to_string()])?;
     validate(raw)
 }
@@ -558,20 +577,23 @@ fn check_api_url(url: &str) -> Result<String, String> {
     } else if let Some(r) = lower.strip_prefix("https://") {
         if !cfg!(feature = "tls") {
             return Err(format!(
-                "{url:?} uses https, but this build has no TLS support (build with --features tls)"
+                "{:?} uses https, but this build has no TLS support (build with --features tls)",
+                config_guard::redact(url)
             ));
         }
         r
     } else {
-        return Err(format!("{url:?} is not an http:// or https:// URL"));
+        return Err(format!(
+            "{:?} is not an http:// or https:// URL",
+            config_guard::redact(url)
+        ));
     };
+    let shown = config_guard::redact(trimmed);
     let authority = rest.split('/').next().unwrap_or("");
-    if authority.is_empty() || authority.starts_with(':') {
-        return Err(format!("{url:?} has no host"));
-    }
+    config_guard::check_authority(authority, &shown)?;
     if rest.contains(['?', '#', ' ']) {
         return Err(format!(
-            "{url:?} must not contain a query, fragment or spaces"
+            "{shown:?} must not contain a query, fragment or spaces"
         ));
     }
     Ok(trimmed.trim_end_matches('/').to_string())
@@ -590,21 +612,58 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Two addresses clash when they share a port and either is the same IP or
-/// one of them is a wildcard (the kernel refuses the second bind).
+/// one of them is a wildcard (the kernel refuses the second bind). An
+/// IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) is the IPv4 address.
 pub fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
-    let wildcard = |ip: IpAddr| ip.is_unspecified();
-    a.port() == b.port() && (a.ip() == b.ip() || wildcard(a.ip()) || wildcard(b.ip()))
+    let (ia, ib) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() == b.port() && (ia == ib || ia.is_unspecified() || ib.is_unspecified())
 }
 
+/// Most ports one file may define: what the poll's token range for
+/// listeners holds (`proxy::token` asserts it at compile time).
+pub const MAX_PORTS: usize = 65_520;
+
+/// Every listening address against every other, in linear time: by exact
+/// (canonical) address, by port for wildcards.
 fn check_listen_clashes(p: &mut Problems, admin: SocketAddr, clusters: &[ClusterConfig]) {
-    let mut seen: Vec<(String, SocketAddr)> = vec![("listen_address".to_string(), admin)];
+    use std::collections::HashMap;
+    let count: usize = clusters.iter().map(|c| c.ports.len()).sum();
+    if count > MAX_PORTS {
+        p.add(
+            "clusters",
+            format!("{count} ports are defined; at most {MAX_PORTS} can listen"),
+        );
+    }
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    // The first path seen per exact address, per port, and per wildcard port.
+    let mut exact: HashMap<SocketAddr, String> = HashMap::new();
+    let mut by_port: HashMap<u16, String> = HashMap::new();
+    let mut wildcard: HashMap<u16, String> = HashMap::new();
+    let mut add = |p: &mut Problems, path: String, written: SocketAddr| {
+        let addr = canonical(written);
+        let other = exact
+            .get(&addr)
+            .or_else(|| wildcard.get(&addr.port()))
+            .or_else(|| {
+                addr.ip()
+                    .is_unspecified()
+                    .then(|| by_port.get(&addr.port()))
+                    .flatten()
+            });
+        if let Some(other) = other {
+            p.add(&path, format!("{written} clashes with {other}"));
+        }
+        exact.entry(addr).or_insert_with(|| path.clone());
+        by_port.entry(addr.port()).or_insert_with(|| path.clone());
+        if addr.ip().is_unspecified() {
+            wildcard.entry(addr.port()).or_insert(path);
+        }
+    };
+    add(p, "listen_address".to_string(), admin);
     for c in clusters {
         for port in &c.ports {
             let path = format!("clusters.{}.ports.{}.listen", c.name, port.name);
-            if let Some((other, _)) = seen.iter().find(|(_, a)| addresses_clash(*a, port.listen)) {
-                p.add(&path, format!("{} clashes with {other}", port.listen));
-            }
-            seen.push((path, port.listen));
+            add(p, path, port.listen);
         }
     }
 }
@@ -903,5 +962,117 @@ mod tests {
         );
         assert!(!errors("clusters: [").is_empty());
         assert!(!errors("").is_empty(), "an empty file lacks `clusters`");
+    }
+
+    const ONE_PORT: &str = "    hosts: [\"http://a:8008\"]\n    ports:\n      p: {listen: \"127.0.0.1:7000\", roles: [leader]}\n";
+
+    #[test]
+    fn a_port_or_cluster_written_twice_is_rejected_with_its_path() {
+        let e = errors(
+            "clusters:\n  main:\n    hosts: [\"http://a:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:7000\", roles: [leader]}\n      rw: {listen: \"127.0.0.1:7001\", roles: [leader]}\n",
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("clusters.main.ports: duplicate entry with key \"rw\""),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "clusters:\n  main:\n{ONE_PORT}  main:\n{ONE_PORT}"
+        ));
+        assert!(
+            e[0].starts_with("clusters: duplicate entry with key \"main\""),
+            "{e:?}"
+        );
+        // Inside a struct too (serde's own words, also with the path).
+        let e = errors("tcp_keepalive: {idle: 5, idle: 6}\nclusters: {}\n");
+        assert!(e[0].starts_with("tcp_keepalive: duplicate entry"), "{e:?}");
+    }
+
+    #[test]
+    fn credentials_in_api_urls_are_rejected_and_never_shown() {
+        let e = errors(
+            "clusters:\n  a:\n    hosts: [\"http://admin:s3cret@h:8008\"]\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [leader]}\n",
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("tls.username and tls.password_file"), "{e:?}");
+        assert!(e[0].contains("http://***@h:8008"), "{e:?}");
+        // Structural errors quote values; the password is masked there too.
+        let e = errors("clusters:\n  a:\n    hosts: \"http://admin:s3cret@h\"\n    ports: {}\n");
+        assert!(!e.iter().any(|m| m.contains("s3cret")), "{e:?}");
+        let e = errors("clusters: {a: {hosts: [\"http://u:s3/cret@h\"], ports: {}}}");
+        assert!(e[0].contains("carries credentials"), "{e:?}");
+        assert!(!e.iter().any(|m| m.contains("s3")), "{e:?}");
+        assert!(
+            !errors("clusters: {a: {hosts: [\"ftp://u:s3cret@h\"], ports: {}}}")
+                .iter()
+                .any(|m| m.contains("s3cret"))
+        );
+    }
+
+    #[test]
+    fn a_host_url_port_out_of_range_is_rejected() {
+        let e = errors(
+            "clusters:\n  a:\n    hosts: [\"http://h:99999\"]\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [leader]}\n",
+        );
+        assert_eq!(
+            e,
+            ["clusters.a.hosts[0]: \"http://h:99999\" has port \"99999\"; expected a number from 1 to 65535"]
+        );
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_clashes_with_the_ipv4_address() {
+        let e = errors(
+            "clusters:\n  a:\n    hosts: [\"http://a:8008\"]\n    ports:\n      p1: {listen: \"127.0.0.1:6432\", roles: [leader]}\n      p2: {listen: \"[::ffff:127.0.0.1]:6432\", roles: [any]}\n",
+        );
+        assert_eq!(
+            e,
+            ["clusters.a.ports.p2.listen: [::ffff:127.0.0.1]:6432 clashes with clusters.a.ports.p1.listen"]
+        );
+        let e = errors(
+            "listen_address: \"[::ffff:127.0.0.1]:7000\"\nclusters:\n  a:\n    hosts: [\"http://a:8008\"]\n    ports:\n      p: {listen: \"127.0.0.1:7000\", roles: [any]}\n",
+        );
+        assert_eq!(
+            e,
+            ["clusters.a.ports.p.listen: 127.0.0.1:7000 clashes with listen_address"]
+        );
+    }
+
+    /// A 1 MiB file cannot hold this many ports; the check stands should
+    /// the size cap ever be raised.
+    #[test]
+    fn more_ports_than_the_listener_limit_are_rejected() {
+        let ports = (0..=MAX_PORTS)
+            .map(|i| PortConfig {
+                name: format!("p{i}"),
+                listen: SocketAddr::from((
+                    [127, 0, 1, (i / 60_000) as u8],
+                    1 + (i % 60_000) as u16,
+                )),
+                roles: vec![PortRole::Any],
+                host_port: None,
+                max_lag_in_bytes: None,
+                backend_wait_timeout: Duration::ZERO,
+                policy: PortPolicy::default(),
+                max_waiting: None,
+            })
+            .collect();
+        let clusters = [ClusterConfig {
+            name: "a".into(),
+            hosts: vec!["http://a:8008".into()],
+            ports,
+        }];
+        let mut p = Problems(Vec::new());
+        let started = std::time::Instant::now();
+        check_listen_clashes(&mut p, DEFAULT_ADMIN_ADDRESS.parse().unwrap(), &clusters);
+        assert_eq!(
+            p.0,
+            [format!(
+                "clusters: {} ports are defined; at most {MAX_PORTS} can listen",
+                MAX_PORTS + 1
+            )]
+        );
+        // 65,521 listen addresses against each other, in linear time.
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 }

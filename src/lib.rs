@@ -8,15 +8,19 @@
 //! Dependency direction (nothing points back up):
 //! `main -> {config, proxy}`;
 //! `proxy -> {updater, config, topology, policy, admin, pgwire, signals, notify, error}`;
-//! `updater -> {patroni, topology}`; `config -> {topology, policy, error}`;
-//! `policy -> topology`; `patroni -> topology`. `topology`, `pgwire`, `admin`, `signals`, `notify`
-//! and `error` depend on nothing of ours. The loop and the updater threads
+//! `updater -> {patroni, topology, dns}`;
+//! `config -> {topology, policy, error, config_guard}`; `policy -> topology`;
+//! `patroni -> topology`.
+//! `topology`, `pgwire`, `admin`, `signals`, `notify`, `error`, `dns` and
+//! `config_guard` depend on nothing of ours. The loop and the updater threads
 //! share only the message types in `updater`. Every libc call and every
 //! `unsafe` block is in `proxy::sys`.
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod config_guard;
+pub mod dns;
 pub mod error;
 pub mod notify;
 pub mod patroni;

@@ -612,7 +612,7 @@ impl Reason {
             Reason::Rule(Exclusion::State(_)) => "state",
             Reason::Rule(Exclusion::NoLoadBalance) => "noloadbalance",
             Reason::Rule(Exclusion::LagUnknown | Exclusion::LagOver { .. }) | Reason::Lag => "lag",
-            Reason::Rule(Exclusion::NoAddress) => "address",
+            Reason::Rule(Exclusion::NoAddress | Exclusion::Unroutable(..)) => "address",
             Reason::FallbackReturn => "fallback_return",
         }
     }
@@ -656,6 +656,7 @@ pub fn plan<'a>(
     lag: &LagTracker,
 ) -> Plan<'a> {
     let base = base_filter(filter, policy);
+    let split_brain = topo.split_brain();
     let mut out = Plan::default();
     for m in &topo.members {
         let Some(tier) = policy.tier(&filter.roles, &m.role) else {
@@ -665,7 +666,7 @@ pub fn plan<'a>(
             ));
             continue;
         };
-        let addr = match topology::eligibility(topo, m, &base) {
+        let addr = match topology::judge(split_brain, m, &base) {
             Ok(a) => a,
             Err(x) => {
                 out.excluded.push((&m.name, Reason::Rule(x)));

@@ -875,6 +875,16 @@ impl PgbenchCounts {
     }
 }
 
+/// Sends SIGCONT to a process when dropped, so a failed assertion never
+/// leaves a Patroni frozen for the scenarios after it.
+struct Frozen(String);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(&self.0, "CONT");
+    }
+}
+
 /// When `when(seen)` first holds, polled every 10 ms for up to 60 s.
 fn first_time(mut when: impl FnMut() -> bool) -> Option<Instant> {
     wait_until(Duration::from_secs(60), &mut when).then(Instant::now)
@@ -908,6 +918,73 @@ fn callback_witness() -> (String, thread::JoinHandle<Option<(Instant, String)>>)
         Some((at, line))
     });
     (url, t)
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn j_frozen_first_api_host_is_passed_over_within_api_timeout() {
+    let c = cluster();
+    // The proxy asks a replica's API first; that Patroni is frozen with
+    // SIGSTOP: its socket accepts, but nothing answers (worse than dead).
+    let first = c.replicas()[0].name.clone();
+    let mut hosts: Vec<String> = vec![c.node(&first).api.clone()];
+    hosts.extend(
+        c.nodes
+            .iter()
+            .filter(|n| n.name != first)
+            .map(|n| n.api.clone()),
+    );
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pid = std::fs::read_to_string(format!("{state}/run/patroni{}.pid", &first[4..]))
+        .unwrap()
+        .trim()
+        .to_string();
+    let rig = rig_with_hosts(c, hosts.clone());
+    let status = |rig: &Rig| rig.proxy.status()["clusters"]["main"].clone();
+    assert_eq!(status(&rig)["api_host"], hosts[0]);
+    let leader = rig.c.leader().pg.port();
+
+    assert_eq!(signal(&pid, "STOP"), 0);
+    let _thaw = Frozen(pid);
+    let frozen_at = Instant::now();
+    // api_timeout is 2 s: the first poll after the freeze waits that long
+    // for the frozen host, then the next host answers.
+    assert!(wait_until(Duration::from_secs(15), || status(&rig)
+        ["api_host"]
+        != hosts[0]));
+    let moved = frozen_at.elapsed();
+    // Clients meanwhile: every one lands where its port says.
+    let (mut rw_ok, mut ro_ok, mut wrong, mut failed) = (0, 0, 0, 0);
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        match whereami(rig.rw, CONNECT) {
+            Ok((false, p)) if p == leader => rw_ok += 1,
+            Ok(_) => wrong += 1,
+            Err(_) => failed += 1,
+        }
+        match whereami(rig.ro, CONNECT) {
+            Ok((true, _)) => ro_ok += 1,
+            Ok(_) => wrong += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    let s = status(&rig);
+    assert_eq!(s["status"], "ok", "{s}");
+    report(
+        "frozen first API (SIGSTOP)",
+        format!(
+            "next host used after {:.1}s; over 12 s: rw {rw_ok} ok, ro {ro_ok} ok, {wrong} misrouted, {failed} failed",
+            moved.as_secs_f64()
+        ),
+    );
+    assert_eq!((wrong, failed), (0, 0));
+    assert!(
+        moved < Duration::from_secs(2 * INTERVAL as u64 + 4),
+        "{moved:?}"
+    );
 }
 
 #[test]
@@ -1013,5 +1090,136 @@ fn j_callback_moves_the_leader_port_at_once() {
         whereami(rig.rw, CONNECT).unwrap(),
         (false, rig.c.node(&candidate).pg.port())
     );
+    rig.c.run(&["wait"]);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn k_every_api_unreachable_beyond_topology_ttl() {
+    // Every Patroni frozen (SIGSTOP) for longer than the proxy's
+    // topology_ttl (4 s) but shorter than Patroni's own TTL (20 s), so
+    // PostgreSQL and the leader key stay as they were.
+    let c = cluster();
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pids: Vec<String> = (1..=c.nodes.len())
+        .map(|i| {
+            std::fs::read_to_string(format!("{state}/run/patroni{i}.pid"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let rw = free_port();
+    let cfg = util::config(
+        free_port(),
+        &hosts,
+        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 1}}"),
+        "topology_ttl: 4\napi_timeout: 0.5",
+    )
+    .replace(
+        "cluster_update_interval: 0.2",
+        &format!("cluster_update_interval: {INTERVAL}"),
+    );
+    let proxy = Proxy::start(&cfg);
+    let leader = c.leader();
+    proxy.wait_backends("main", "rw", &[leader.name.as_str()]);
+    let rw = SocketAddr::from(([127, 0, 0, 1], rw));
+    let mut open = Pg::connect(rw, CONNECT).unwrap();
+    assert_eq!(open.whereami().unwrap(), (false, leader.pg.port()));
+
+    let frozen: Vec<Frozen> = pids
+        .into_iter()
+        .map(|pid| {
+            assert_eq!(signal(&pid, "STOP"), 0);
+            Frozen(pid)
+        })
+        .collect();
+    let at = Instant::now();
+    assert!(wait_until(Duration::from_secs(15), || proxy.status()
+        ["clusters"]["main"]["status"]
+        == "stale"));
+    let stale_after = at.elapsed();
+    let refused = (0..5)
+        .filter(|_| Pg::connect(rw, Duration::from_secs(5)).is_err())
+        .count();
+    let kept = open.whereami().is_ok();
+    drop(frozen); // SIGCONT to all
+    let thawed = Instant::now();
+    assert!(wait_until(Duration::from_secs(20), || proxy.status()
+        ["clusters"]["main"]["status"]
+        == "ok"));
+    let fresh_after = thawed.elapsed();
+    let routes_again = whereami(rw, CONNECT).is_ok();
+    report(
+        "every API frozen beyond topology_ttl=4s",
+        format!(
+            "stale after {:.1}s; new clients refused {refused}/5; open session kept: {kept}; fresh again {:.1}s after SIGCONT; routes again: {routes_again}",
+            stale_after.as_secs_f64(),
+            fresh_after.as_secs_f64()
+        ),
+    );
+    assert_eq!(refused, 5, "new clients are refused while stale");
+    assert!(kept, "open sessions are kept");
+    assert!(routes_again);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn l_etcd_frozen_beyond_patroni_ttl_and_back() {
+    // etcd frozen (SIGSTOP) for 30 s, longer than Patroni's ttl (20 s):
+    // what Patroni does, what the proxy routes each second, and that it
+    // routes writes again once etcd is back.
+    let rig = rig();
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pid = std::fs::read_to_string(format!("{state}/run/etcd.pid"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let status = || rig.proxy.status()["clusters"]["main"]["status"].clone();
+    assert_eq!(signal(&pid, "STOP"), 0);
+    let etcd = Frozen(pid);
+    let at = Instant::now();
+    let (mut primary, mut standby, mut failed, mut stale) = (0, 0, 0, 0);
+    let mut first_standby = None;
+    while at.elapsed() < Duration::from_secs(30) {
+        match whereami(rig.rw, Duration::from_secs(2)) {
+            Ok((false, _)) => primary += 1,
+            Ok((true, _)) => {
+                standby += 1;
+                first_standby.get_or_insert(at.elapsed());
+            }
+            Err(_) => failed += 1,
+        }
+        if status() == "stale" {
+            stale += 1;
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    drop(etcd); // SIGCONT
+    let back = Instant::now();
+    let mut writes_again = None;
+    while back.elapsed() < Duration::from_secs(90) {
+        if matches!(whereami(rig.rw, Duration::from_secs(2)), Ok((false, _))) {
+            writes_again = Some(back.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    report(
+        "etcd frozen 30 s (ttl 20)",
+        format!(
+            "rw samples during the freeze: {primary} reached a primary, {standby} a read-only member (first after {:?}), {failed} refused; {stale} samples with a stale topology; writes through rw again {:?} after SIGCONT",
+            first_standby.map(|d| format!("{:.1}s", d.as_secs_f64())),
+            writes_again.map(|d| format!("{:.1}s", d.as_secs_f64()))
+        ),
+    );
+    assert!(writes_again.is_some(), "rw routes to a primary again");
     rig.c.run(&["wait"]);
 }

@@ -31,10 +31,6 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn is(&self, r: &Route) -> bool {
-        *self.member == *r.member && self.addr == r.addr
-    }
-
     fn is_target(&self, t: &Target) -> bool {
         self.member == t.member && self.addr == t.addr
     }
@@ -70,13 +66,15 @@ impl Backends {
     /// Replaces the routable set, keeping counters of backends that stay.
     pub fn set(&mut self, routable: &[Route]) {
         let old = std::mem::take(&mut self.list);
+        let old: std::collections::HashMap<(&str, SocketAddr), &Backend> =
+            old.iter().map(|b| ((&*b.member, b.addr), b)).collect();
         let members = &mut self.members;
         self.list = routable
             .iter()
-            .map(|r| match old.iter().find(|b| b.is(r)) {
+            .map(|r| match old.get(&(r.member, r.addr)) {
                 Some(b) => Backend {
                     draining: r.draining,
-                    ..b.clone()
+                    ..(*b).clone()
                 },
                 None => Backend {
                     member: Rc::from(r.member),

@@ -84,6 +84,7 @@ pub struct Proxy {
     accept: Accept,
     sessions: Slab<Session>,
     clusters: Clusters,
+    reload: control::Reload,
     pool: Pool,
     timers: Timers,
     run_queue: Vec<usize>,
@@ -126,6 +127,7 @@ impl Proxy {
             listeners: Slab::new(),
             accept: Accept::new(),
             sessions: Slab::new(),
+            reload: control::Reload::new(Arc::clone(&waker)),
             clusters: Clusters::new(waker),
             timers: Timers::default(),
             run_queue: Vec::new(),
@@ -193,6 +195,7 @@ impl Proxy {
             self.run_queued();
             if woken {
                 self.drain_updates();
+                self.finish_reload();
             }
             if signalled {
                 self.handle_signals();
@@ -249,6 +252,7 @@ impl Proxy {
                 Timer::Session(key, id) => self.session_deadline(key, id, now),
                 Timer::Admin(key, id) => self.admin_deadline(key, id, now),
                 Timer::AcceptResume => self.accept.paused = false,
+                Timer::AdminAcceptResume => self.admin.front.paused_until = None,
                 Timer::Housekeeping => {
                     self.housekeeping(now);
                     self.timers.add(now + HOUSEKEEPING, Timer::Housekeeping);
@@ -276,7 +280,9 @@ impl Proxy {
                 .get(key)
                 .is_some_and(|a| a.id == id && a.deadline == at),
             Timer::LagGrace(lk) => listeners.get(lk).is_some_and(|l| l.lag_timer == Some(at)),
-            Timer::AcceptResume | Timer::Housekeeping | Timer::Drain => true,
+            Timer::AcceptResume | Timer::AdminAcceptResume | Timer::Housekeeping | Timer::Drain => {
+                true
+            }
         });
     }
 }

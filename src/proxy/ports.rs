@@ -2,6 +2,7 @@
 //! the session cap), and refresh a port's backends after a topology change
 //! (which sessions lost their member, which waiting clients can go now).
 
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -436,7 +437,8 @@ struct Eviction {
 /// (`policy::plan`: members held by lag, draining, preference or an idle
 /// fallback stay, taking no new clients), logging the members that became
 /// routable or changed whether they take new clients; returns the members
-/// that are no longer routable, with why.
+/// that are no longer routable, with why. Linear in members and backends:
+/// every lookup goes through a map.
 fn refresh_backends(l: &mut Listener, topo: Option<&Topology>) -> Vec<Eviction> {
     let empty = Topology::default();
     let plan = policy::plan(topo.unwrap_or(&empty), &l.filter, &l.policy, &l.lag);
@@ -449,22 +451,22 @@ fn refresh_backends(l: &mut Listener, topo: Option<&Topology>) -> Vec<Eviction> 
             draining: r.hold.is_some(),
         })
         .collect();
+    let routable_set: HashSet<(&str, SocketAddr)> =
+        routable.iter().map(|r| (r.member, r.addr)).collect();
+    let excluded: HashMap<&str, &policy::Reason> =
+        plan.excluded.iter().map(|(m, r)| (*m, r)).collect();
+    let routed: HashMap<&str, SocketAddr> =
+        plan.routes.iter().map(|r| (r.member, r.addr)).collect();
     let mut evicted = Vec::new();
     for b in &l.backends.list {
-        if routable.iter().any(|r| b.is(r)) {
+        if routable_set.contains(&(&*b.member, b.addr)) {
             continue;
         }
-        let excluded = plan.excluded.iter().find(|(m, _)| **m == *b.member);
-        let (reason, why) = match (topo.and_then(|t| t.member(&b.member)), excluded) {
-            (None, _) => (CloseReason::Removed, "removed from the cluster".to_string()),
-            (Some(_), Some((_, r))) => (close_reason(r), r.to_string()),
-            (Some(_), None) => match plan.routes.iter().find(|r| *r.member == *b.member) {
-                Some(r) => (
-                    CloseReason::Removed,
-                    format!("address changed to {}", r.addr),
-                ),
-                None => (CloseReason::Removed, "no longer routable".to_string()),
-            },
+        // The plan names every member of the topology, routed or excluded.
+        let (reason, why) = match (excluded.get(&*b.member), routed.get(&*b.member)) {
+            (Some(r), _) => (close_reason(r), r.to_string()),
+            (None, Some(addr)) => (CloseReason::Removed, format!("address changed to {addr}")),
+            (None, None) => (CloseReason::Removed, "removed from the cluster".to_string()),
         };
         let target = Target {
             member: b.member.clone(),
@@ -477,17 +479,18 @@ fn refresh_backends(l: &mut Listener, topo: Option<&Topology>) -> Vec<Eviction> 
             why,
         });
     }
+    let current: HashMap<(&str, SocketAddr), &super::listener::Backend> = l
+        .backends
+        .list
+        .iter()
+        .map(|b| ((&*b.member, b.addr), b))
+        .collect();
+    let held = |h: Option<Hold>| match h {
+        None => String::new(),
+        Some(h) => format!(" but takes no new clients ({h})"),
+    };
     for r in &plan.routes {
-        let held = |h: Option<Hold>| match h {
-            None => String::new(),
-            Some(h) => format!(" but takes no new clients ({h})"),
-        };
-        match l
-            .backends
-            .list
-            .iter()
-            .find(|b| *b.member == *r.member && b.addr == r.addr)
-        {
+        match current.get(&(r.member, r.addr)) {
             None => info!(
                 "port={} member={} addr={} routable{}",
                 l.label,
@@ -537,7 +540,9 @@ fn close_reason(r: &policy::Reason) -> CloseReason {
 fn eviction_reason(x: &topology::Exclusion) -> CloseReason {
     match x {
         topology::Exclusion::LagUnknown | topology::Exclusion::LagOver { .. } => CloseReason::Lag,
-        topology::Exclusion::NoAddress => CloseReason::Removed,
+        topology::Exclusion::NoAddress | topology::Exclusion::Unroutable(..) => {
+            CloseReason::Removed
+        }
         topology::Exclusion::Role(_)
         | topology::Exclusion::SplitBrain
         | topology::Exclusion::State(_)

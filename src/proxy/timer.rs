@@ -22,6 +22,8 @@ pub enum Timer {
     Admin(usize, u64),
     /// Resume accepting after running out of file descriptors.
     AcceptResume,
+    /// The same for the admin listener.
+    AdminAcceptResume,
     /// Once a second: staleness, dead updaters.
     Housekeeping,
     /// The SIGTERM drain deadline.

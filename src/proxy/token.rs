@@ -19,6 +19,9 @@ const SESSION_BASE: usize = 1 << 20;
 pub const MAX_LISTENERS: usize = ADMIN_BASE - LISTENER_BASE;
 pub const MAX_ADMIN_CONNS: usize = SESSION_BASE - ADMIN_BASE;
 
+// The config refuses more ports than the listener range holds.
+const _: () = assert!(crate::config::MAX_PORTS <= MAX_LISTENERS);
+
 /// Which socket of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
