@@ -674,8 +674,15 @@ pub fn plan<'a>(
             }
         };
         let mut hold = None;
-        if policy.lag.is_some() && Lag::of(m).is_some() {
-            match lag.verdict(&m.name) {
+        if let (Some(rules), Some(reading)) = (policy.lag, Lag::of(m)) {
+            // A member no poll has been fed for yet (a port added by a
+            // reload) is judged by its lag as it stands.
+            let verdict = match lag.states.contains_key(&m.name) {
+                true => lag.verdict(&m.name),
+                false if rules.over(reading) => LagVerdict::Closed,
+                false => LagVerdict::Routable,
+            };
+            match verdict {
                 LagVerdict::Routable => {}
                 LagVerdict::Held => hold = Some(Hold::Lag),
                 LagVerdict::Closed => {
@@ -1267,6 +1274,23 @@ mod tests {
             Reason::Lag
         );
         assert_eq!(Reason::Lag.label(), "lag");
+    }
+
+    #[test]
+    fn a_member_not_observed_yet_is_judged_by_its_lag() {
+        let mut t = three();
+        t.members[2].lag = Some(5000);
+        let f = filter(&[PortRole::Async, PortRole::Sync]);
+        let pol = PortPolicy {
+            lag: Some(rules(1000, 30, 3)),
+            ..PortPolicy::default()
+        };
+        let p = plan(&t, &f, &pol, &LagTracker::new());
+        assert_eq!(open(&p), ["n2"]);
+        assert_eq!(
+            p.excluded.iter().find(|(m, _)| *m == "n3").unwrap().1,
+            Reason::Lag
+        );
     }
 
     #[test]
