@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::config_guard;
 use crate::error::Error;
+use crate::policy::{self, FallbackReturn, LagRules, PortPolicy};
 use crate::topology::PortRole;
 
 /// Default admin HTTP address, as in the older tool.
@@ -44,12 +45,26 @@ pub struct Config {
     pub buffer_size: usize,
     pub listen_backlog: u32,
     pub tcp_keepalive: Option<Keepalive>,
+    /// `TCP_USER_TIMEOUT` on backend sockets; `None`: the kernel's.
+    pub tcp_user_timeout: Option<Duration>,
     /// Bulk transfers go through kernel pipes (`splice(2)`).
     pub splice: bool,
     /// Replay a PostgreSQL start-up that a server going away refuses.
     pub startup_replay: bool,
     /// Sorted by name.
     pub clusters: Vec<ClusterConfig>,
+    pub health: HealthConfig,
+}
+
+/// `health:`: the listeners that answer load balancers' checks.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HealthConfig {
+    /// HTTP, read-only routes (Patroni-compatible checks, `/metrics`).
+    pub listen: Option<SocketAddr>,
+    /// HAProxy `agent-check`: one line in, one line out.
+    pub agent_listen: Option<SocketAddr>,
+    /// `(cluster, member)` that `GET /<endpoint>` answers for.
+    pub member: Option<(String, String)>,
 }
 
 /// TCP keepalive probes, set on client and backend sockets.
@@ -79,6 +94,10 @@ pub struct PortConfig {
     pub max_lag_in_bytes: Option<u64>,
     /// How long a client may wait for a routable member. Zero: refuse at once.
     pub backend_wait_timeout: Duration,
+    /// Lag grace and hysteresis, preference, fallback.
+    pub policy: PortPolicy,
+    /// Held clients beyond this are refused at once; `None`: no cap.
+    pub max_waiting: Option<usize>,
 }
 
 impl Config {
@@ -121,9 +140,19 @@ struct RawConfig {
     buffer_size: Option<u64>,
     listen_backlog: Option<u32>,
     tcp_keepalive: Option<RawKeepalive>,
+    tcp_user_timeout: Option<f64>,
     splice: Option<bool>,
     startup_replay: Option<bool>,
     clusters: BTreeMap<String, RawCluster>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    listen: Option<String>,
+    agent_listen: Option<String>,
+    member: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +179,14 @@ struct RawPort {
     host_port: Option<u16>,
     max_lag_in_bytes: Option<u64>,
     backend_wait_timeout: Option<f64>,
+    max_lag_in_bytes_close: Option<u64>,
+    lag_grace: Option<f64>,
+    lag_return_percent: Option<u64>,
+    lag_return_polls: Option<u64>,
+    prefer: Option<Vec<String>>,
+    fallback: Option<Vec<String>>,
+    fallback_return: Option<String>,
+    max_waiting: Option<u64>,
 }
 
 /// Reads and validates the file at `path`.
@@ -287,12 +324,14 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         );
     }
     let tcp_keepalive = keepalive(&mut p, raw.tcp_keepalive);
+    let user_timeout = p.seconds("tcp_user_timeout", raw.tcp_user_timeout, 30.0, true);
 
     let mut clusters = Vec::new();
     for (cname, rc) in raw.clusters {
         clusters.push(cluster(&mut p, cname, rc));
     }
     check_listen_clashes(&mut p, listen_address, &clusters);
+    let health = health(&mut p, raw.health, listen_address, &clusters);
 
     if p.0.is_empty() {
         Ok(Config {
@@ -307,9 +346,11 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             buffer_size: buffer_size as usize,
             listen_backlog,
             tcp_keepalive,
+            tcp_user_timeout: (!user_timeout.is_zero()).then_some(user_timeout),
             splice: raw.splice.unwrap_or(true),
             startup_replay: raw.startup_replay.unwrap_or(true),
             clusters,
+            health,
         })
     } else {
         Err(p.0)
@@ -385,21 +426,13 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
                 "is empty; expected one or more of leader, sync, async, any",
             );
         }
-        let mut roles = Vec::new();
-        for (i, r) in rp.roles.iter().enumerate() {
-            match PortRole::parse(r) {
-                Some(role) if roles.contains(&role) => p.add(
-                    &format!("{pp}.roles[{i}]"),
-                    format!("role {r:?} is listed twice"),
-                ),
-                Some(role) => roles.push(role),
-                None => p.add(
-                    &format!("{pp}.roles[{i}]"),
-                    format!(
-                        "unknown role {r:?}; expected leader, sync, async, any or standby_leader"
-                    ),
-                ),
-            }
+        let roles = role_list(p, &format!("{pp}.roles"), &rp.roles);
+        let policy = port_policy(p, &pp, &rp, &roles);
+        if let Some(n) = rp.max_waiting.filter(|n| *n > 1_000_000) {
+            p.add(
+                &format!("{pp}.max_waiting"),
+                format!("{n} is out of range; expected 0 to 1000000"),
+            );
         }
         if rp.host_port == Some(0) {
             p.add(
@@ -416,9 +449,145 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
             host_port: rp.host_port,
             max_lag_in_bytes: rp.max_lag_in_bytes,
             backend_wait_timeout,
+            policy,
+            max_waiting: rp.max_waiting.map(|n| n as usize),
         });
     }
     ClusterConfig { name, hosts, ports }
+}
+
+/// Role names at `path`, each checked; duplicates are errors.
+fn role_list(p: &mut Problems, path: &str, names: &[String]) -> Vec<PortRole> {
+    let mut roles = Vec::new();
+    for (i, r) in names.iter().enumerate() {
+        match PortRole::parse(r) {
+            Some(role) if roles.contains(&role) => p.add(
+                &format!("{path}[{i}]"),
+                format!("role {r:?} is listed twice"),
+            ),
+            Some(role) => roles.push(role),
+            None => p.add(
+                &format!("{path}[{i}]"),
+                format!("unknown role {r:?}; expected leader, sync, async, any or standby_leader"),
+            ),
+        }
+    }
+    roles
+}
+
+/// The lag, preference and fallback keys of the port at `pp`.
+fn port_policy(p: &mut Problems, pp: &str, rp: &RawPort, roles: &[PortRole]) -> PortPolicy {
+    let lag_only = [
+        (
+            "max_lag_in_bytes_close",
+            rp.max_lag_in_bytes_close.is_some(),
+        ),
+        ("lag_grace", rp.lag_grace.is_some()),
+        ("lag_return_percent", rp.lag_return_percent.is_some()),
+        ("lag_return_polls", rp.lag_return_polls.is_some()),
+    ];
+    let lag = match rp.max_lag_in_bytes {
+        None => {
+            for (key, _) in lag_only.iter().filter(|(_, set)| *set) {
+                p.add(&format!("{pp}.{key}"), "needs max_lag_in_bytes on the port");
+            }
+            None
+        }
+        Some(max) => {
+            if let Some(c) = rp.max_lag_in_bytes_close.filter(|c| *c < max) {
+                p.add(
+                    &format!("{pp}.max_lag_in_bytes_close"),
+                    format!("{c} is under max_lag_in_bytes ({max})"),
+                );
+            }
+            let grace = p.seconds(&format!("{pp}.lag_grace"), rp.lag_grace, 0.0, true);
+            let mut ranged = |key: &str, v: Option<u64>, default: u64, lo: u64, hi: u64| {
+                let v = v.unwrap_or(default);
+                if !(lo..=hi).contains(&v) {
+                    p.add(
+                        &format!("{pp}.{key}"),
+                        format!("{v} is out of range; expected {lo} to {hi}"),
+                    );
+                }
+                v.clamp(lo, hi)
+            };
+            let percent = ranged(
+                "lag_return_percent",
+                rp.lag_return_percent,
+                policy::DEFAULT_RETURN_PERCENT.into(),
+                0,
+                100,
+            );
+            let polls = ranged(
+                "lag_return_polls",
+                rp.lag_return_polls,
+                policy::DEFAULT_RETURN_POLLS.into(),
+                1,
+                1000,
+            );
+            Some(LagRules::new(
+                max,
+                rp.max_lag_in_bytes_close,
+                grace,
+                percent as u8,
+                polls as u32,
+            ))
+        }
+    };
+    let prefer = role_list(
+        p,
+        &format!("{pp}.prefer"),
+        rp.prefer.as_deref().unwrap_or_default(),
+    );
+    for (i, r) in prefer.iter().enumerate() {
+        if !roles.contains(r) && !roles.contains(&PortRole::Any) {
+            p.add(
+                &format!("{pp}.prefer[{i}]"),
+                format!("{} is not one of the port's roles", r.as_str()),
+            );
+        }
+    }
+    let fallback = role_list(
+        p,
+        &format!("{pp}.fallback"),
+        rp.fallback.as_deref().unwrap_or_default(),
+    );
+    for (i, r) in fallback.iter().enumerate() {
+        if roles.contains(r) || roles.contains(&PortRole::Any) {
+            p.add(
+                &format!("{pp}.fallback[{i}]"),
+                format!("{} is already served by the port's roles", r.as_str()),
+            );
+        }
+    }
+    let fallback_return = match rp
+        .fallback_return
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("keep") => FallbackReturn::Keep,
+        Some("close") => FallbackReturn::Close,
+        Some(other) => {
+            p.add(
+                &format!("{pp}.fallback_return"),
+                format!("unknown value {other:?}; expected keep or close"),
+            );
+            FallbackReturn::Keep
+        }
+    };
+    if rp.fallback_return.is_some() && fallback.is_empty() {
+        p.add(
+            &format!("{pp}.fallback_return"),
+            "needs fallback on the port",
+        );
+    }
+    PortPolicy {
+        lag,
+        prefer,
+        fallback,
+        fallback_return,
+    }
 }
 
 /// Accepts `http://host[:port][/path]` or `https://…`, returns it without a
@@ -522,9 +691,97 @@ fn check_listen_clashes(p: &mut Problems, admin: SocketAddr, clusters: &[Cluster
     }
 }
 
+/// The `health:` section: addresses that clash with nothing else, and a
+/// `member` of the form `cluster/member` naming a configured cluster.
+fn health(
+    p: &mut Problems,
+    raw: Option<RawHealth>,
+    admin: SocketAddr,
+    clusters: &[ClusterConfig],
+) -> HealthConfig {
+    let Some(raw) = raw else {
+        return HealthConfig::default();
+    };
+    let mut taken: Vec<(String, SocketAddr)> = vec![("listen_address".into(), admin)];
+    for c in clusters {
+        for port in &c.ports {
+            taken.push((
+                format!("clusters.{}.ports.{}.listen", c.name, port.name),
+                port.listen,
+            ));
+        }
+    }
+    let mut addr = |key: &str, v: Option<String>| {
+        let path = format!("health.{key}");
+        let a = match parse_listen(v.as_deref()?) {
+            Ok(a) => a,
+            Err(e) => {
+                p.add(&path, e);
+                return None;
+            }
+        };
+        if let Some((other, _)) = taken.iter().find(|(_, t)| addresses_clash(*t, a)) {
+            p.add(&path, format!("{a} clashes with {other}"));
+        }
+        taken.push((path, a));
+        Some(a)
+    };
+    let listen = addr("listen", raw.listen);
+    let agent_listen = addr("agent_listen", raw.agent_listen);
+    let member = raw.member.and_then(|m| match m.split_once('/') {
+        Some((c, n)) if !n.is_empty() && clusters.iter().any(|cl| cl.name == c) => {
+            Some((c.to_string(), n.to_string()))
+        }
+        Some((c, n)) if !n.is_empty() => {
+            p.add("health.member", format!("no cluster {c:?} is configured"));
+            None
+        }
+        _ => {
+            p.add("health.member", format!("{m:?} is not <cluster>/<member>"));
+            None
+        }
+    });
+    HealthConfig {
+        listen,
+        agent_listen,
+        member,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_section() {
+        let base = "clusters:\n  main:\n    hosts: [\"http://127.0.0.1:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:5432\", roles: [leader]}\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.health, HealthConfig::default());
+        let c = parse(&format!(
+            "{base}health: {{listen: \"0.0.0.0:8010\", agent_listen: \"127.0.0.1:8011\", member: main/node1}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.health.listen, Some("0.0.0.0:8010".parse().unwrap()));
+        assert_eq!(
+            c.health.agent_listen,
+            Some("127.0.0.1:8011".parse().unwrap())
+        );
+        assert_eq!(c.health.member, Some(("main".into(), "node1".into())));
+        let e = errors(&format!(
+            "{base}health: {{listen: \"0.0.0.0:5432\", agent_listen: nope, member: other/x}}\n"
+        ));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0]
+            .starts_with("health.listen: 0.0.0.0:5432 clashes with clusters.main.ports.rw.listen"));
+        assert!(e[1].starts_with("health.agent_listen: "));
+        assert_eq!(e[2], "health.member: no cluster \"other\" is configured");
+        assert!(
+            errors(&format!("{base}health: {{member: x}}\n"))[0].contains("not <cluster>/<member>")
+        );
+        assert!(
+            errors(&format!("{base}health: {{lissen: x}}\n"))[0].contains("unknown field `lissen`")
+        );
+    }
 
     /// The older patroni_proxy's format; also used by the CLI test.
     const OLD_FORMAT: &str = include_str!("../tests/fixtures/patroni_proxy.yaml");
@@ -709,6 +966,104 @@ mod tests {
         );
     }
 
+    fn port(keys: &str) -> String {
+        format!("clusters:\n  c:\n    hosts: [\"http://x\"]\n    ports:\n      p: {{listen: \"127.0.0.1:1\", {keys}}}\n")
+    }
+
+    #[test]
+    fn routing_policy_defaults_keep_old_configs_meaning() {
+        let c = parse(OLD_FORMAT).unwrap();
+        assert_eq!(c.clusters[0].ports[0].policy, PortPolicy::default());
+        let lag = c.clusters[0].ports[1].policy.lag.unwrap();
+        assert_eq!(lag.max, 16_777_216);
+        assert_eq!(
+            lag.grace,
+            Duration::ZERO,
+            "sessions closed at once, as before"
+        );
+        assert_eq!(lag.close_max, None);
+        assert_eq!(lag.return_mark, 13_421_772, "80 % of the limit");
+        assert_eq!(lag.return_polls, 3);
+    }
+
+    #[test]
+    fn user_timeout_and_max_waiting() {
+        let c = parse("clusters: {}").unwrap();
+        assert_eq!(c.tcp_user_timeout, Some(Duration::from_secs(30)));
+        let c = parse("tcp_user_timeout: 0\nclusters: {}").unwrap();
+        assert_eq!(c.tcp_user_timeout, None);
+        let c = parse(&port("roles: [leader], max_waiting: 5")).unwrap();
+        assert_eq!(c.clusters[0].ports[0].max_waiting, Some(5));
+        assert_eq!(
+            parse(&port("roles: [leader]")).unwrap().clusters[0].ports[0].max_waiting,
+            None
+        );
+        let e = errors(&port("roles: [leader], max_waiting: 2000000"));
+        assert_eq!(
+            e,
+            ["clusters.c.ports.p.max_waiting: 2000000 is out of range; expected 0 to 1000000"]
+        );
+    }
+
+    #[test]
+    fn routing_policy_keys_load() {
+        let c = parse(&port(
+            "roles: [sync, async], max_lag_in_bytes: 1000, max_lag_in_bytes_close: 5000, lag_grace: 30, lag_return_percent: 50, lag_return_polls: 2, prefer: [sync], fallback: [leader], fallback_return: close",
+        ))
+        .unwrap();
+        let pol = &c.clusters[0].ports[0].policy;
+        assert_eq!(
+            pol.lag,
+            Some(LagRules::new(
+                1000,
+                Some(5000),
+                Duration::from_secs(30),
+                50,
+                2
+            ))
+        );
+        assert_eq!(pol.prefer, [PortRole::Sync]);
+        assert_eq!(pol.fallback, [PortRole::Leader]);
+        assert_eq!(pol.fallback_return, FallbackReturn::Close);
+    }
+
+    #[test]
+    fn routing_policy_problems_name_their_keys() {
+        let e = errors(&port(
+            "roles: [async], lag_grace: 5, lag_return_polls: 2, prefer: [sync], fallback: [async, lead], fallback_return: close",
+        ));
+        let p = "clusters.c.ports.p";
+        assert_eq!(
+            e,
+            [
+                format!("{p}.lag_grace: needs max_lag_in_bytes on the port"),
+                format!("{p}.lag_return_polls: needs max_lag_in_bytes on the port"),
+                format!("{p}.prefer[0]: sync is not one of the port's roles"),
+                format!("{p}.fallback[1]: unknown role \"lead\"; expected leader, sync, async, any or standby_leader"),
+                format!("{p}.fallback[0]: async is already served by the port's roles"),
+            ]
+        );
+        let e = errors(&port(
+            "roles: [any], max_lag_in_bytes: 1000, max_lag_in_bytes_close: 999, lag_grace: -1, lag_return_percent: 101, lag_return_polls: 0, fallback: [leader], fallback_return: later",
+        ));
+        assert_eq!(
+            e,
+            [
+                format!("{p}.max_lag_in_bytes_close: 999 is under max_lag_in_bytes (1000)"),
+                format!("{p}.lag_grace: -1 seconds is out of range; expected 0 to 86400"),
+                format!("{p}.lag_return_percent: 101 is out of range; expected 0 to 100"),
+                format!("{p}.lag_return_polls: 0 is out of range; expected 1 to 1000"),
+                format!("{p}.fallback[0]: leader is already served by the port's roles"),
+                format!("{p}.fallback_return: unknown value \"later\"; expected keep or close"),
+            ]
+        );
+        let e = errors(&port("roles: [leader], fallback_return: keep"));
+        assert_eq!(
+            e,
+            [format!("{p}.fallback_return: needs fallback on the port")]
+        );
+    }
+
     #[test]
     fn structural_errors_carry_their_path() {
         let e = errors("clusters:\n  a:\n    hosts: [\"http://x\"]\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [leader], host_port: 70000}\n");
@@ -809,6 +1164,8 @@ mod tests {
                 host_port: None,
                 max_lag_in_bytes: None,
                 backend_wait_timeout: Duration::ZERO,
+                policy: PortPolicy::default(),
+                max_waiting: None,
             })
             .collect();
         let clusters = [ClusterConfig {

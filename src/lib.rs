@@ -7,11 +7,13 @@
 //!
 //! Dependency direction (nothing points back up):
 //! `main -> {config, proxy}`;
-//! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error}`;
+//! `proxy -> {updater, config, topology, policy, admin, pgwire, signals, notify, error, health, metrics}`;
 //! `updater -> {patroni, topology, dns}`;
-//! `config -> {topology, error, config_guard}`; `patroni -> topology`.
-//! `topology`, `pgwire`, `admin`, `signals`, `notify`, `error`, `dns` and
-//! `config_guard` depend on nothing of ours. The loop and the updater threads
+//! `config -> {topology, policy, error, config_guard}`; `policy -> topology`;
+//! `patroni -> topology`; `health -> {topology, patroni}` (patroni in its
+//! tests only).
+//! `topology`, `pgwire`, `admin`, `metrics`, `signals`, `notify`, `error`,
+//! `dns` and `config_guard` depend on nothing of ours. The loop and the updater threads
 //! share only the message types in `updater`. Every libc call and every
 //! `unsafe` block is in `proxy::sys`.
 #![deny(unsafe_code)]
@@ -21,9 +23,12 @@ pub mod config;
 pub mod config_guard;
 pub mod dns;
 pub mod error;
+pub mod health;
+pub mod metrics;
 pub mod notify;
 pub mod patroni;
 pub mod pgwire;
+pub mod policy;
 pub mod proxy;
 pub mod signals;
 pub mod topology;

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value};
 
-use crate::topology::{Member, Role, Topology};
+use crate::topology::{Member, Role, Tag, Topology};
 
 /// Most members an answer may list. A Patroni cluster has a handful; this
 /// bounds what one answer costs the event loop (each change is diffed and
@@ -51,6 +51,8 @@ pub fn parse(body: &[u8]) -> Result<Parsed, String> {
         members: Vec::with_capacity(members.len()),
         scope: obj.get("scope").and_then(Value::as_str).map(str::to_string),
         paused: obj.get("pause").is_some_and(truthy),
+        lsn_fields: members.iter().any(|m| m.get("receive_lag").is_some()),
+        maximum_lag_on_failover: None,
     };
     let mut skipped = Vec::new();
     let mut names = HashSet::new();
@@ -109,10 +111,40 @@ fn member(v: &Value) -> Result<Member, String> {
         timeline: o.get("timeline").and_then(number),
         lag: o.get("lag").and_then(number),
         replay_lag: o.get("replay_lag").and_then(number),
+        receive_lag: o.get("receive_lag").and_then(number),
         noloadbalance: tags
             .and_then(|t| t.get("noloadbalance"))
             .is_some_and(truthy),
+        tags: tags.map(patroni_tags).unwrap_or_default(),
     })
+}
+
+/// Tags as Patroni's health checks see them; a `null` value is no tag.
+fn patroni_tags(tags: &Map<String, Value>) -> Vec<Tag> {
+    tags.iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| Tag {
+            key: k.clone(),
+            value: match v {
+                Value::String(s) => s.clone(),
+                Value::Bool(b) => if *b { "true" } else { "false" }.to_string(),
+                other => other.to_string().to_lowercase(),
+            },
+            truthy: python_truthy(v),
+        })
+        .collect()
+}
+
+/// Python's `bool(v)` of a JSON value.
+fn python_truthy(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Null => false,
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
 }
 
 fn required_str<'a>(o: &'a Map<String, Value>, key: &str) -> Result<&'a str, String> {

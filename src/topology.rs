@@ -113,7 +113,7 @@ impl PortRole {
         }
     }
 
-    fn accepts(self, role: &Role) -> bool {
+    pub fn accepts(self, role: &Role) -> bool {
         match self {
             PortRole::Leader => *role == Role::Leader,
             PortRole::Sync => matches!(role, Role::SyncStandby | Role::QuorumStandby),
@@ -140,7 +140,22 @@ pub struct Member {
     pub lag: Option<u64>,
     /// `replay_lag` (Patroni 4.1+), preferred over `lag` when known.
     pub replay_lag: Option<u64>,
+    /// `receive_lag` (Patroni 4.1+), for `/readiness?mode=write`.
+    pub receive_lag: Option<u64>,
     pub noloadbalance: bool,
+    /// Every tag `/cluster` lists, as Patroni's health checks compare them.
+    pub tags: Vec<Tag>,
+}
+
+/// One member tag, in the form Patroni's `?tag_<key>=<value>` filter
+/// compares: strings verbatim, anything else as Python's `str(v).lower()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag {
+    pub key: String,
+    pub value: String,
+    /// Python truthiness of the value (`bool(v)`), as Patroni tests
+    /// `noloadbalance` in its health checks.
+    pub truthy: bool,
 }
 
 impl Member {
@@ -169,6 +184,10 @@ pub struct Topology {
     pub scope: Option<String>,
     /// Maintenance mode.
     pub paused: bool,
+    /// Some member carries the `receive_lag`/`lsn` fields (Patroni 4.1+).
+    pub lsn_fields: bool,
+    /// `maximum_lag_on_failover` from the cluster's `/config`, when known.
+    pub maximum_lag_on_failover: Option<u64>,
 }
 
 impl Topology {
@@ -258,8 +277,9 @@ pub fn judge_all<'a>(
         .map(move |m| (m, judge(split_brain, m, filter)))
 }
 
-/// [`eligibility`] with the topology's split brain already known.
-fn judge(split_brain: bool, m: &Member, filter: &PortFilter) -> Result<SocketAddr, Exclusion> {
+/// [`eligibility`] with the topology's split brain already known, so that a
+/// caller judging every member stays linear.
+pub fn judge(split_brain: bool, m: &Member, filter: &PortFilter) -> Result<SocketAddr, Exclusion> {
     if !filter.roles.iter().any(|r| r.accepts(&m.role)) {
         return Err(Exclusion::Role(m.role.as_str().to_string()));
     }
@@ -506,7 +526,9 @@ mod tests {
             timeline: Some(1),
             lag,
             replay_lag: None,
+            receive_lag: None,
             noloadbalance: false,
+            tags: Vec::new(),
         }
     }
 
@@ -528,8 +550,7 @@ mod tests {
     fn cluster(members: Vec<Member>) -> Topology {
         Topology {
             members,
-            scope: None,
-            paused: false,
+            ..Topology::default()
         }
     }
 

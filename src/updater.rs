@@ -50,6 +50,8 @@ pub struct Update {
     pub outcome: Result<Polled, String>,
     /// The `RefreshNow` requests this poll answers.
     pub requests: Vec<u64>,
+    /// How long the poll took, every host tried included.
+    pub took: Duration,
 }
 
 /// A successful poll.
@@ -195,6 +197,7 @@ impl Worker {
                 cluster: self.cluster.clone(),
                 outcome,
                 requests: std::mem::take(&mut requests),
+                took: started.elapsed(),
             };
             if self.updates.send(update).is_err() {
                 return; // the loop is gone

@@ -17,6 +17,10 @@ mod util;
 
 mod pg;
 
+/// Health checks against Patroni's own answers.
+#[path = "real_cluster_health.rs"]
+mod health_differential;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -46,6 +50,8 @@ struct Cluster {
     nodes: Vec<Node>,
     patronictl: String,
     script: PathBuf,
+    /// The cluster's state directory.
+    state: PathBuf,
 }
 
 fn script() -> PathBuf {
@@ -94,6 +100,7 @@ fn cluster() -> Cluster {
         nodes,
         patronictl: get("PATRONICTL"),
         script: script(),
+        state: get("STATE").into(),
     }
 }
 
@@ -228,19 +235,26 @@ struct Rig {
     ro: SocketAddr,
     sync: SocketAddr,
     any: SocketAddr,
+    /// Like `ro`, with `lag_grace: 600`.
+    graced: SocketAddr,
 }
 
 fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
-    let [rw, ro, sync, any] = [0; 4].map(|_| free_port());
+    rig_polling(c, hosts, INTERVAL)
+}
+
+fn rig_polling(c: Cluster, hosts: Vec<String>, interval: f64) -> Rig {
+    let [rw, ro, sync, any, graced] = [0; 5].map(|_| free_port());
     let ports = format!(
         "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 40}}\n\
          ro: {{listen: \"127.0.0.1:{ro}\", roles: [sync, async], max_lag_in_bytes: 1048576}}\n\
          sync: {{listen: \"127.0.0.1:{sync}\", roles: [sync], backend_wait_timeout: 0}}\n\
-         any: {{listen: \"127.0.0.1:{any}\", roles: [any]}}"
+         any: {{listen: \"127.0.0.1:{any}\", roles: [any]}}\n\
+         graced: {{listen: \"127.0.0.1:{graced}\", roles: [sync, async], max_lag_in_bytes: 1048576, lag_grace: 600}}"
     );
     let cfg = util::config(free_port(), &hosts, &ports, "").replace(
         "cluster_update_interval: 0.2",
-        &format!("cluster_update_interval: {INTERVAL}"),
+        &format!("cluster_update_interval: {interval}"),
     );
     let proxy = Proxy::start(&cfg);
     let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
@@ -257,6 +271,7 @@ fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
         ro: a(ro),
         sync: a(sync),
         any: a(any),
+        graced: a(graced),
     }
 }
 
@@ -506,6 +521,13 @@ fn e_lagging_replica_is_evicted_and_returns() {
     let sessions = one_session_per_replica(&rig);
     let victim_port = sessions[0].0;
     let victim = rig.c.by_port(victim_port).name.clone();
+    // A long session on the victim through the port with lag_grace.
+    let mut graced = (0..10)
+        .find_map(|_| {
+            let mut s = Pg::connect(rig.graced, CONNECT).unwrap();
+            (s.whereami().unwrap().1 == victim_port).then_some(s)
+        })
+        .expect("a session on the victim through the graced port");
     // Patroni 4.1 reports replay_lag: pause replay. Patroni resumes a
     // paused replay by itself (PostgreSQL 14+) unless the cluster is in
     // maintenance mode, so pause Patroni first. Older Patronis report only
@@ -563,6 +585,18 @@ fn e_lagging_replica_is_evicted_and_returns() {
     );
     // The `any` port has no lag limit: the member stays there.
     assert!(rig.proxy.backends("main", "any").contains(&victim));
+    // With lag_grace the long session lives on, and new clients avoid it.
+    assert!(
+        graced.query("SELECT 1").is_ok(),
+        "a session within lag_grace is kept"
+    );
+    for _ in 0..4 {
+        assert_ne!(whereami(rig.graced, CONNECT).unwrap().1, victim_port);
+    }
+    report(
+        "lag with grace",
+        format!("{victim} evicted on both lag-limited ports; its session on the lag_grace port kept, on the other closed"),
+    );
     match walreceiver {
         None => {
             direct.query("SELECT pg_wal_replay_resume()").unwrap();
@@ -576,6 +610,10 @@ fn e_lagging_replica_is_evicted_and_returns() {
             .backends("main", "ro")
             .contains(&victim)),
         "the replica came back once it caught up"
+    );
+    assert!(
+        graced.query("SELECT 1").is_ok(),
+        "and it never lost the session"
     );
     writer.query("DROP TABLE pp_lag").unwrap();
 }
@@ -863,6 +901,41 @@ impl Drop for Frozen {
     }
 }
 
+/// When `when(seen)` first holds, polled every 10 ms for up to 60 s.
+fn first_time(mut when: impl FnMut() -> bool) -> Option<Instant> {
+    wait_until(Duration::from_secs(60), &mut when).then(Instant::now)
+}
+
+/// A loopback listener that records when the first request arrives (within
+/// 60 s), and its request line; answers 200.
+fn callback_witness() -> (String, thread::JoinHandle<Option<(Instant, String)>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let t = thread::spawn(move || {
+        let mut conn = None;
+        wait_until(Duration::from_secs(60), || {
+            conn = l.accept().ok();
+            conn.is_some()
+        });
+        let (mut conn, _) = conn?;
+        let at = Instant::now();
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 512];
+        let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
+        let line = String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let _ =
+            std::io::Write::write_all(&mut conn, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        Some((at, line))
+    });
+    (url, t)
+}
+
 #[test]
 #[ignore = "needs a real cluster: tests/cluster/run"]
 fn j_frozen_first_api_host_is_passed_over_within_api_timeout() {
@@ -921,6 +994,112 @@ fn j_frozen_first_api_host_is_passed_over_within_api_timeout() {
         moved < Duration::from_secs(2 * INTERVAL as u64 + 4),
         "{moved:?}"
     );
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn j_callback_moves_the_leader_port_at_once() {
+    // Polling every 10 s, the proxy alone would follow a switchover up to
+    // 10 s late; Patroni's on_role_change callback
+    // (packaging/patroni-proxy-callback, configured by tests/cluster/cluster
+    // to read $STATE/callback.conf) makes it poll at once.
+    let c = cluster();
+    let hosts = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let rig = rig_polling(c, hosts, 10.0);
+    let conf = rig.c.state.join("callback.conf");
+    let (witness, witnessed) = callback_witness();
+    std::fs::write(&conf, format!("http://{}\n{witness}\n", rig.proxy.admin)).unwrap();
+    let old = rig.c.leader().name.clone();
+    let candidate = rig.c.replicas()[0].name.clone();
+    let apis: Vec<SocketAddr> = rig
+        .c
+        .nodes
+        .iter()
+        .map(|n| n.api.trim_start_matches("http://").parse().unwrap())
+        .collect();
+    let shown = {
+        let candidate = candidate.clone();
+        thread::spawn(move || {
+            first_time(|| {
+                apis.iter().any(|a| {
+                    http_get(*a, "/cluster")
+                        .ok()
+                        .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+                        .is_some_and(|t| {
+                            t["members"].as_array().is_some_and(|ms| {
+                                ms.iter().any(|m| {
+                                    m["name"] == candidate.as_str()
+                                        && m["role"] == "leader"
+                                        && m["state"] == "running"
+                                })
+                            })
+                        })
+                })
+            })
+        })
+    };
+    let followed = {
+        let (admin, candidate) = (rig.proxy.admin, candidate.clone());
+        thread::spawn(move || {
+            first_time(|| {
+                http_get(admin, "/clusters")
+                    .ok()
+                    .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+                    .is_some_and(|s| {
+                        let b = &s["clusters"]["main"]["ports"]["rw"]["backends"];
+                        b.as_array().is_some_and(|b| {
+                            b.len() == 1
+                                && b[0]["member"] == candidate.as_str()
+                                && b[0]["draining"] == false
+                        })
+                    })
+            })
+        })
+    };
+    let started = Instant::now();
+    rig.c.switchover(&old, &candidate);
+    let shown = shown
+        .join()
+        .unwrap()
+        .expect("/cluster never showed the new leader");
+    let followed = followed
+        .join()
+        .unwrap()
+        .expect("the leader port never followed");
+    let (called, line) = witnessed
+        .join()
+        .unwrap()
+        .expect("Patroni ran no on_role_change callback within 60 s");
+    let _ = std::fs::remove_file(&conf);
+    let secs = |a: Instant, b: Instant| {
+        if a >= b {
+            a.duration_since(b).as_secs_f64()
+        } else {
+            -b.duration_since(a).as_secs_f64()
+        }
+    };
+    let gap = secs(followed, shown);
+    report(
+        "callback",
+        format!(
+            "cluster_update_interval 10: new leader {candidate} in /cluster {:.2}s after patronictl started, callback {:+.3}s and leader port {gap:+.3}s after that",
+            secs(shown, started),
+            secs(called, shown)
+        ),
+    );
+    assert!(
+        line.contains(" /update_clusters HTTP/1."),
+        "the callback sent {line:?}"
+    );
+    assert!(
+        gap <= 0.5,
+        "the leader port followed {gap:.3}s after /cluster showed {candidate}"
+    );
+    assert_eq!(
+        whereami(rig.rw, CONNECT).unwrap(),
+        (false, rig.c.node(&candidate).pg.port())
+    );
+    rig.c.run(&["wait"]);
 }
 
 #[test]

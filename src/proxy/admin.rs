@@ -32,7 +32,7 @@ pub const ADMIN_IDLE: Duration = Duration::from_secs(5);
 /// the backlog only while every connection is being answered.
 pub const MAX_ADMIN_CONNS: usize = 64;
 /// Connections accepted per loop turn; more are taken on the next turn.
-const ACCEPT_BATCH: usize = 256;
+pub const ACCEPT_BATCH: usize = 256;
 /// A failed accept (EMFILE and the like) pauses accepting this long at
 /// first, doubling per failure in a row up to [`ACCEPT_PAUSE_MAX`].
 const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(100);
@@ -67,6 +67,12 @@ impl Io {
     fn register(&mut self, registry: &Registry, tok: Token) -> io::Result<()> {
         match self {
             Io::Plain(s) => registry.register(s, tok, Interest::READABLE | Interest::WRITABLE),
+        }
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Io::Plain(s) => s.local_addr().ok(),
         }
     }
 
@@ -186,6 +192,15 @@ impl HttpConn {
             }
         }
         Step::Nothing
+    }
+
+    /// The address this connection reached (for `/<endpoint>` checks).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    pub fn is_writing(&self) -> bool {
+        matches!(self.state, State::Writing)
     }
 
     /// Queues `resp` for writing (the caller then calls [`Self::advance`]).
@@ -365,6 +380,16 @@ impl Front {
         true
     }
 
+    /// Stops listening and drops every connection (a reload removed or
+    /// moved the listener).
+    pub fn shutdown(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        for (_, mut c) in std::mem::take(&mut self.conns) {
+            c.io.deregister(registry);
+        }
+        self.closed.clear();
+    }
+
     /// Marks a connection closed; it is removed at [`Self::reap`].
     pub fn close(&mut self, key: usize) {
         if let Some(c) = self.conns.get_mut(key) {
@@ -459,6 +484,10 @@ impl Proxy {
         let resp = match req.route {
             Route::Root => Response::text(200, "OK"),
             Route::Clusters => Response::json(200, self.status_json()),
+            Route::Metrics => Response::metrics(self.metrics_text()),
+            Route::Health => self.health_summary(),
+            // Not in the admin table.
+            Route::Check => Response::text(404, "not found\n"),
             Route::UpdateClusters => {
                 if self.clusters.is_empty() {
                     Response::text(200, "no clusters configured\n")

@@ -18,7 +18,7 @@ use log::{error, info, warn, Level};
 use mio::net::TcpListener;
 use mio::Waker;
 
-use super::ports::bind;
+use super::ports::{bind, set_accepted_options};
 use super::session::Close;
 use super::stats::CloseReason;
 use super::timer::Timer;
@@ -193,6 +193,7 @@ impl Proxy {
         } else {
             None
         };
+        let health = self.health_bind_changes(&new)?;
 
         // Commit.
         log::set_max_level(config::raise_level(new.log_level, self.verbosity));
@@ -204,6 +205,7 @@ impl Proxy {
                 .rebind(sock, new.listen_address, self.poll.registry());
             info!("admin interface moved to {}", new.listen_address);
         }
+        self.health_apply(health);
         self.config = new.clone();
         self.clusters.reconcile(&new);
         let by_addr: HashMap<SocketAddr, _> = new.ports().map(|cp| (cp.1.listen, cp)).collect();
@@ -219,6 +221,8 @@ impl Proxy {
                         self.close_listener_sessions(lk, "port moved to another cluster");
                     }
                     self.listeners[lk].configure(c, p);
+                    let ka = self.config.tcp_keepalive.as_ref();
+                    set_accepted_options(&self.listeners[lk].socket, addr, ka);
                 }
             }
         }

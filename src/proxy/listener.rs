@@ -9,12 +9,13 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
 
 use super::stats::{member_slot, MemberStats, PortStats};
 use crate::config::{ClusterConfig, PortConfig};
+use crate::policy::{LagTracker, PortPolicy};
 use crate::topology::{pick_least, PortFilter, Route};
 
 /// A member this port may route to.
@@ -130,6 +131,16 @@ pub struct Listener {
     pub wait: Duration,
     pub backends: Backends,
     pub stats: PortStats,
+    /// Lag grace and hysteresis, preference and fallback.
+    pub policy: PortPolicy,
+    /// The lag state of the cluster's members on this port.
+    pub lag: LagTracker,
+    /// Clients held at once beyond which new ones are refused.
+    pub max_waiting: Option<usize>,
+    /// New clients go to the fallback roles.
+    pub fallback_active: bool,
+    /// When the armed `Timer::LagGrace` of this port fires.
+    pub lag_timer: Option<Instant>,
     /// The kernel said there are connections to accept; cleared on WouldBlock.
     pub accept_ready: bool,
 }
@@ -149,6 +160,11 @@ impl Listener {
             wait: Duration::ZERO,
             backends: Backends::default(),
             stats: PortStats::default(),
+            policy: PortPolicy::default(),
+            lag: LagTracker::new(),
+            max_waiting: None,
+            fallback_active: false,
+            lag_timer: None,
             accept_ready: false,
         };
         l.configure(cluster, port);
@@ -165,6 +181,12 @@ impl Listener {
             max_lag_in_bytes: port.max_lag_in_bytes,
         };
         self.wait = port.backend_wait_timeout;
+        self.max_waiting = port.max_waiting;
+        if self.policy != port.policy {
+            // New rules: lag states start afresh at the next poll.
+            self.policy = port.policy.clone();
+            self.lag = LagTracker::new();
+        }
     }
 
     /// The port's name without the cluster (`rw` of `main:rw`).

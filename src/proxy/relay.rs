@@ -243,11 +243,12 @@ impl Pair {
         }
     }
 
-    /// Deregisters both sockets and gives back buffers and pipes. The
-    /// sockets close when the pair is dropped.
-    pub fn close(&mut self, registry: &Registry, pool: &mut Pool) {
-        let _ = registry.deregister(&mut self.client.sock);
-        self.drop_backend(registry);
+    /// Gives back buffers and pipes. The sockets close when the pair is
+    /// dropped (the reap step, before the next poll), and closing a socket
+    /// takes it out of the poll: no `epoll_ctl(DEL)` needed, as no
+    /// descriptor is ever duplicated. Events already fetched for them are
+    /// ignored (the session is closed).
+    pub fn close(&mut self, pool: &mut Pool) {
         for slot in [&mut self.to_backend, &mut self.to_client] {
             slot.release(pool);
         }
@@ -503,9 +504,15 @@ fn splice(
 }
 
 /// Everything the source sent has been passed on: pass its FIN on.
+/// When the other direction is over too (`dst` sent its FIN and `src` got
+/// it), the session finishes now and closing `dst` sends the FIN: no
+/// `shutdown` call.
 fn pass_fin(src: &Endpoint, dst: &mut Endpoint, slot: &Slot) {
     if src.read_eof && slot.is_empty() && !dst.write_shut {
         dst.write_shut = true;
+        if dst.read_eof && src.write_shut {
+            return;
+        }
         // ENOTCONN here means the peer is already gone; the next read or
         // write on it reports that properly.
         let _ = dst.sock.shutdown(Shutdown::Write);

@@ -226,6 +226,11 @@ impl Startup {
                 Ok(n) => {
                     p.bytes_down += n as u64;
                     self.reply.extend_from_slice(&chunk[..n]);
+                    // A short read drained the socket (the relay's rule):
+                    // no read that would only say EAGAIN.
+                    if n < want && !backend.hup {
+                        backend.readable = false;
+                    }
                 }
                 Err(e) => match sys::classify(&e) {
                     IoError::WouldBlock => backend.readable = false,

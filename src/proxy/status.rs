@@ -2,6 +2,7 @@
 //! document now, and [`Proxy::stats`] for other renderers (`/metrics`).
 //! Nothing here changes the loop's state.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -9,7 +10,7 @@ use serde_json::{json, Value};
 use super::listener::Listener;
 use super::stats::{ClusterStats, MemberStats, PortStats, ProxyStats};
 use super::Proxy;
-use crate::topology;
+use crate::policy;
 
 /// A read-only view of the counters, with the gauges counted from the
 /// session table.
@@ -91,12 +92,11 @@ impl Proxy {
     pub(super) fn status_json(&self) -> Vec<u8> {
         let now = Instant::now();
         let view = self.stats();
-        let mut port_stats: std::collections::HashMap<(&str, &str), Value> = view
+        let mut port_stats: HashMap<(&str, &str), Value> = view
             .ports()
             .map(|p| ((p.cluster, p.port), render_port_stats(&p)))
             .collect();
-        let cluster_stats: std::collections::HashMap<&str, &ClusterStats> =
-            view.clusters().collect();
+        let cluster_stats: HashMap<&str, &ClusterStats> = view.clusters().collect();
         let mut clusters = serde_json::Map::new();
         for (name, c) in self.clusters.iter() {
             let listeners: Vec<(usize, &Listener)> = self
@@ -104,29 +104,48 @@ impl Proxy {
                 .iter()
                 .filter(|(_, l)| &l.cluster == name)
                 .collect();
-            // Each port judges every member once (linear); the per-member
-            // table is left out where it would exceed MAX_STATUS_CELLS.
+            // The same plan the port routes by, so this view and the routing
+            // agree on what "routable" means; each port plans every member
+            // once (linear), and the per-member table is left out where it
+            // would exceed MAX_STATUS_CELLS.
             let count = c.topology.as_ref().map_or(0, |t| t.members.len());
             let detailed = count.saturating_mul(listeners.len()) <= MAX_STATUS_CELLS;
-            let judged: Vec<Vec<_>> = match (&c.topology, detailed) {
+            type ByMember<'p> = HashMap<&'p str, Value>;
+            let plans: Vec<(&Listener, ByMember)> = match (&c.topology, detailed) {
                 (Some(t), true) => listeners
                     .iter()
-                    .map(|(_, l)| topology::judge_all(t, &l.filter).map(|(_, r)| r).collect())
+                    .map(|(_, l)| {
+                        let plan = policy::plan(t, &l.filter, &l.policy, &l.lag);
+                        let mut by: ByMember = HashMap::with_capacity(count);
+                        for r in &plan.routes {
+                            by.insert(r.member, json!({
+                                "routable": true, "addr": r.addr.to_string(),
+                                "new_clients": r.hold.is_none(),
+                                "hold": r.hold.map(|h| h.to_string()),
+                            }));
+                        }
+                        for (m, why) in &plan.excluded {
+                            by.insert(m, json!({
+                                "routable": false, "reason": why.to_string(), "reason_label": why.label(),
+                            }));
+                        }
+                        (*l, by)
+                    })
                     .collect(),
                 _ => Vec::new(),
             };
             let members: Vec<Value> = c
                 .topology
                 .iter()
-                .flat_map(|t| t.members.iter().enumerate())
-                .map(|(i, m)| {
+                .flat_map(|t| t.members.iter())
+                .map(|m| {
                     let ports = if detailed {
                         let mut ports = serde_json::Map::new();
-                        for (li, (_, l)) in listeners.iter().enumerate() {
-                            let v = match &judged[li][i] {
-                                Ok(addr) => json!({"routable": true, "addr": addr.to_string()}),
-                                Err(x) => json!({"routable": false, "reason": x.to_string()}),
-                            };
+                        for (l, by) in &plans {
+                            let v = by
+                                .get(m.name.as_str())
+                                .cloned()
+                                .unwrap_or_else(|| json!({"routable": false}));
                             ports.insert(l.port_name().to_string(), v);
                         }
                         Value::Object(ports)
@@ -169,6 +188,7 @@ impl Proxy {
                         "roles": l.filter.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
                         "host_port": l.filter.host_port,
                         "max_lag_in_bytes": l.filter.max_lag_in_bytes,
+                        "fallback_active": l.fallback_active,
                         "backends": backends,
                         "sessions": sessions,
                         "waiting": waiting,
@@ -243,6 +263,10 @@ fn render_port_stats(p: &PortView) -> Value {
         "accepted": p.stats.accepted,
         "refused": by_reason(&p.stats.refused),
         "closed": by_reason(&p.stats.closed),
+        "lag_evictions": p.stats.lag_evictions,
+        "lag_closes": p.stats.lag_closes,
+        "lag_returns": p.stats.lag_returns,
+        "fallbacks": p.stats.fallbacks,
         "sessions": p.sessions,
         "held": p.held,
         "members": members,

@@ -108,6 +108,19 @@ fn setsockopt_int(
     }
 }
 
+/// Sets what every accepted client socket should have on the listening
+/// socket instead: Linux copies `TCP_NODELAY`, `SO_KEEPALIVE` and the
+/// keepalive timing to each socket `accept` returns (and arms its keepalive
+/// timer), which saves five `setsockopt` calls per client. `None` turns
+/// keepalive off again (a reload can remove `tcp_keepalive`).
+pub fn set_accepted_options(listener: &impl AsRawFd, ka: Option<&Keepalive>) -> io::Result<()> {
+    setsockopt_int(listener, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    match ka {
+        Some(ka) => set_keepalive(listener, ka),
+        None => setsockopt_int(listener, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0),
+    }
+}
+
 /// Turns on TCP keepalive with the given timing, so a peer that vanished
 /// (power loss, partition) is detected instead of holding a session forever.
 pub fn set_keepalive(fd: &impl AsRawFd, ka: &Keepalive) -> io::Result<()> {
@@ -130,6 +143,15 @@ pub fn set_keepalive(fd: &impl AsRawFd, ka: &Keepalive) -> io::Result<()> {
         libc::TCP_KEEPCNT,
         ka.count as libc::c_int,
     )
+}
+
+/// Sets `TCP_USER_TIMEOUT`: unacknowledged data (or, with keepalive, an
+/// unanswered probe) older than `timeout` fails the connection, so a
+/// session to a host that vanished from the network ends in seconds
+/// instead of after the kernel's retransmissions (about 15 minutes).
+pub fn set_user_timeout(fd: &impl AsRawFd, timeout: std::time::Duration) -> io::Result<()> {
+    let ms = timeout.as_millis().min(libc::c_int::MAX as u128) as libc::c_int;
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
 }
 
 /// Raises the soft open-files limit towards `wanted` (capped by the hard
@@ -201,5 +223,100 @@ pub fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// `sysconf(_SC_CLK_TCK)`, the unit of `/proc` CPU times (100 if unknown).
+pub fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant; no pointers involved.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// The page size, the unit of `/proc` memory sizes (4096 if unknown).
+pub fn page_size() -> u64 {
+    // SAFETY: as above.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+
+    fn getsockopt_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `value` and `len` are valid and writable for the call, and
+        // `len` gives the size of `value`; the fd is borrowed from a live socket.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                &mut value as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt: {}", io::Error::last_os_error());
+        value
+    }
+
+    fn accept_one(l: &std::net::TcpListener) -> std::net::TcpStream {
+        let _client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        l.set_nonblocking(false).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s
+    }
+
+    /// What `new_session` relies on: the kernel copies the listener's
+    /// options to every accepted socket.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_keepalive_from_the_listener() {
+        let l = bind_listener("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let ka = Keepalive {
+            idle_secs: 61,
+            interval_secs: 11,
+            count: 7,
+        };
+        set_accepted_options(&l, Some(&ka)).unwrap();
+        let s = accept_one(&l);
+        assert_eq!(getsockopt_int(&s, libc::IPPROTO_TCP, libc::TCP_NODELAY), 1);
+        assert_eq!(getsockopt_int(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(
+            getsockopt_int(&s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            61
+        );
+        assert_eq!(
+            getsockopt_int(&s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            11
+        );
+        assert_eq!(getsockopt_int(&s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 7);
+
+        // A reload that removes tcp_keepalive turns it off for new clients.
+        set_accepted_options(&l, None).unwrap();
+        let s = accept_one(&l);
+        assert_eq!(getsockopt_int(&s, libc::IPPROTO_TCP, libc::TCP_NODELAY), 1);
+        assert_eq!(getsockopt_int(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+    }
+
+    #[test]
+    fn user_timeout_is_set_in_milliseconds() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        set_user_timeout(&s, std::time::Duration::from_millis(2500)).unwrap();
+        assert_eq!(
+            getsockopt_int(&s, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+            2500
+        );
     }
 }
