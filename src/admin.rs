@@ -23,21 +23,47 @@ pub enum Route {
     UpdateClusters,
     /// `GET /clusters`: JSON status of clusters, members and ports.
     Clusters,
+    /// `GET /metrics`: Prometheus text format.
+    Metrics,
+    /// `GET /health`: 200 only when every cluster is fresh and every port
+    /// has a routable member.
+    Health,
+    /// A Patroni-compatible check (`/<cluster>/<member>/<endpoint>` or
+    /// `/<endpoint>`): the health listener's catch-all, [`CATCH_ALL`].
+    Check,
 }
 
+/// The path of a route-table entry that takes every path not matched
+/// exactly; a table with one also accepts `OPTIONS` (HAProxy's default
+/// check method), answered as `HEAD`.
+pub const CATCH_ALL: &str = "*";
+
 impl Route {
-    /// Every route with its path, for the man page drift test and 404s.
-    pub const ALL: [(&'static str, Route); 3] = [
+    /// Every admin route with its path, for the man page drift test and 404s.
+    pub const ALL: [(&'static str, Route); 5] = [
         ("/", Route::Root),
         ("/update_clusters", Route::UpdateClusters),
         ("/clusters", Route::Clusters),
+        ("/metrics", Route::Metrics),
+        ("/health", Route::Health),
+    ];
+
+    /// The health listener's routes: read-only, plus the checks.
+    pub const HEALTH: [(&'static str, Route); 4] = [
+        ("/", Route::Root),
+        ("/metrics", Route::Metrics),
+        ("/health", Route::Health),
+        (CATCH_ALL, Route::Check),
     ];
 }
 
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// `HEAD`, or `OPTIONS` on a table with a catch-all.
     pub head_only: bool,
+    /// The method as sent (`GET`, `HEAD`, `OPTIONS`).
+    pub method: &'static str,
     pub route: Route,
     /// The path as sent, without the query string (`/clusters`).
     pub path: String,
@@ -110,18 +136,37 @@ pub fn parse_request_with(buf: &[u8], routes: &[(&str, Route)]) -> Parse {
             return bad("malformed header");
         }
     }
+    let catch_all = routes.iter().find(|(p, _)| *p == CATCH_ALL);
     let head_only = match method {
         "GET" => false,
         "HEAD" => true,
+        "OPTIONS" if catch_all.is_some() => true,
+        // The Patroni callback's hint: `POST /update_clusters`, no body.
+        "POST" if target.split(['?', '#']).next() == Some("/update_clusters") => {
+            let has_body = head.lines().any(|l| {
+                let (k, v) = l.split_once(':').unwrap_or((l, ""));
+                (k.eq_ignore_ascii_case("content-length") && v.trim() != "0")
+                    || k.eq_ignore_ascii_case("transfer-encoding")
+            });
+            if has_body {
+                return bad("POST /update_clusters takes no body");
+            }
+            false
+        }
         _ => {
             return Parse::Reject(Response::text(405, "only GET and HEAD are supported\n").allow())
         }
     };
     let target = target.split_once('#').map_or(target, |(t, _)| t);
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    match routes.iter().find(|(p, _)| *p == path) {
+    match routes.iter().find(|(p, _)| *p == path).or(catch_all) {
         Some((_, route)) => Parse::Ok(Request {
             head_only,
+            method: match method {
+                "GET" => "GET",
+                "HEAD" => "HEAD",
+                _ => "OPTIONS",
+            },
             route: *route,
             path: path.to_string(),
             query: query.to_string(),
@@ -172,6 +217,17 @@ impl Response {
         Response {
             status,
             content_type: "application/json",
+            body,
+            head_only: false,
+            allow: false,
+        }
+    }
+
+    /// Prometheus text format.
+    pub fn metrics(body: Vec<u8>) -> Response {
+        Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
             body,
             head_only: false,
             allow: false,
@@ -285,6 +341,33 @@ mod tests {
     }
 
     #[test]
+    fn the_health_table_catches_every_path_and_options() {
+        let parse = |req: &str| match parse_request_with(req.as_bytes(), &Route::HEALTH) {
+            Parse::Ok(r) => (r.route, r.method, r.head_only, r.path, r.query),
+            other => panic!("{req:?}: {other:?}"),
+        };
+        assert_eq!(parse("GET /health HTTP/1.0\r\n\r\n").0, Route::Health);
+        assert_eq!(parse("GET /metrics HTTP/1.0\r\n\r\n").0, Route::Metrics);
+        assert_eq!(
+            parse("OPTIONS /main/node1/replica?lag=1MB HTTP/1.0\r\n\r\n"),
+            (
+                Route::Check,
+                "OPTIONS",
+                true,
+                "/main/node1/replica".to_string(),
+                "lag=1MB".to_string()
+            )
+        );
+        assert_eq!(parse("HEAD /replica HTTP/1.1\r\n\r\n").1, "HEAD");
+        // The admin table has no catch-all: OPTIONS is 405 there.
+        assert_eq!(status(b"OPTIONS / HTTP/1.1\r\n\r\n"), 405);
+        assert!(matches!(
+            parse_request_with(b"POST /x HTTP/1.1\r\n\r\n", &Route::HEALTH),
+            Parse::Reject(r) if r.status == 405
+        ));
+    }
+
+    #[test]
     fn partial_input_waits_for_more() {
         assert_eq!(parse_request(b""), Parse::Incomplete);
         assert_eq!(
@@ -297,6 +380,17 @@ mod tests {
     fn rejects() {
         assert_eq!(status(b"GET /nope HTTP/1.1\r\n\r\n"), 404);
         assert_eq!(status(b"POST / HTTP/1.1\r\n\r\n"), 405);
+        assert_eq!(status(b"POST /clusters HTTP/1.1\r\n\r\n"), 405);
+        assert_eq!(
+            status(b"POST /update_clusters HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"),
+            400
+        );
+        let r = ok("POST /update_clusters HTTP/1.0\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!((r.route, r.head_only), (Route::UpdateClusters, false));
+        assert_eq!(
+            ok("POST /update_clusters HTTP/1.1\r\n\r\n").route,
+            Route::UpdateClusters
+        );
         assert_eq!(status(b"GET / HTTP/2.0\r\n\r\n"), 400);
         assert_eq!(status(b"GET /\r\n\r\n"), 400);
         assert_eq!(status(b"GET / HTTP/1.1 extra\r\n\r\n"), 400);

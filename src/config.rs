@@ -10,14 +10,16 @@
 //! and loads unchanged. No I/O here besides reading the file in [`load`].
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use log::LevelFilter;
 use serde::Deserialize;
 
+use crate::config_guard;
 use crate::error::Error;
+use crate::policy::{self, FallbackReturn, LagRules, PortPolicy};
 use crate::topology::PortRole;
 
 /// Default admin HTTP address, as in the older tool.
@@ -43,12 +45,26 @@ pub struct Config {
     pub buffer_size: usize,
     pub listen_backlog: u32,
     pub tcp_keepalive: Option<Keepalive>,
+    /// `TCP_USER_TIMEOUT` on backend sockets; `None`: the kernel's.
+    pub tcp_user_timeout: Option<Duration>,
     /// Bulk transfers go through kernel pipes (`splice(2)`).
     pub splice: bool,
     /// Replay a PostgreSQL start-up that a server going away refuses.
     pub startup_replay: bool,
     /// Sorted by name.
     pub clusters: Vec<ClusterConfig>,
+    pub health: HealthConfig,
+}
+
+/// `health:`: the listeners that answer load balancers' checks.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HealthConfig {
+    /// HTTP, read-only routes (Patroni-compatible checks, `/metrics`).
+    pub listen: Option<SocketAddr>,
+    /// HAProxy `agent-check`: one line in, one line out.
+    pub agent_listen: Option<SocketAddr>,
+    /// `(cluster, member)` that `GET /<endpoint>` answers for.
+    pub member: Option<(String, String)>,
 }
 
 /// TCP keepalive probes, set on client and backend sockets.
@@ -78,6 +94,10 @@ pub struct PortConfig {
     pub max_lag_in_bytes: Option<u64>,
     /// How long a client may wait for a routable member. Zero: refuse at once.
     pub backend_wait_timeout: Duration,
+    /// Lag grace and hysteresis, preference, fallback.
+    pub policy: PortPolicy,
+    /// Held clients beyond this are refused at once; `None`: no cap.
+    pub max_waiting: Option<usize>,
 }
 
 impl Config {
@@ -120,9 +140,19 @@ struct RawConfig {
     buffer_size: Option<u64>,
     listen_backlog: Option<u32>,
     tcp_keepalive: Option<RawKeepalive>,
+    tcp_user_timeout: Option<f64>,
     splice: Option<bool>,
     startup_replay: Option<bool>,
     clusters: BTreeMap<String, RawCluster>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    listen: Option<String>,
+    agent_listen: Option<String>,
+    member: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,20 +179,46 @@ struct RawPort {
     host_port: Option<u16>,
     max_lag_in_bytes: Option<u64>,
     backend_wait_timeout: Option<f64>,
+    max_lag_in_bytes_close: Option<u64>,
+    lag_grace: Option<f64>,
+    lag_return_percent: Option<u64>,
+    lag_return_polls: Option<u64>,
+    prefer: Option<Vec<String>>,
+    fallback: Option<Vec<String>>,
+    fallback_return: Option<String>,
+    max_waiting: Option<u64>,
 }
 
 /// Reads and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Config, Error> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+    let text = read_capped(path).map_err(|e| Error::Config {
         file: file.clone(),
         problems: vec![format!("cannot read: {e}")],
     })?;
     parse(&text).map_err(|problems| Error::Config { file, problems })
 }
 
+/// Reads at most one byte more than the cap, so a huge file (or a FIFO that
+/// never ends) costs nothing; [`config_guard::precheck`] reports the size.
+fn read_capped(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(config_guard::MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// Parses and validates YAML text; the error lists every problem found.
+/// No message quotes a password that was in the text.
 pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+    parse_unredacted(text).map_err(|ps| ps.iter().map(|p| config_guard::redact(p)).collect())
+}
+
+fn parse_unredacted(text: &str) -> Result<Config, Vec<String>> {
+    config_guard::precheck(text).map_err(|e| vec![e])?;
+    config_guard::duplicate_keys(text).map_err(|e| vec![e])?;
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| vec![e.to_string()])?;
     validate(raw)
 }
@@ -268,12 +324,14 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         );
     }
     let tcp_keepalive = keepalive(&mut p, raw.tcp_keepalive);
+    let user_timeout = p.seconds("tcp_user_timeout", raw.tcp_user_timeout, 30.0, true);
 
     let mut clusters = Vec::new();
     for (cname, rc) in raw.clusters {
         clusters.push(cluster(&mut p, cname, rc));
     }
     check_listen_clashes(&mut p, listen_address, &clusters);
+    let health = health(&mut p, raw.health, listen_address, &clusters);
 
     if p.0.is_empty() {
         Ok(Config {
@@ -288,9 +346,11 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             buffer_size: buffer_size as usize,
             listen_backlog,
             tcp_keepalive,
+            tcp_user_timeout: (!user_timeout.is_zero()).then_some(user_timeout),
             splice: raw.splice.unwrap_or(true),
             startup_replay: raw.startup_replay.unwrap_or(true),
             clusters,
+            health,
         })
     } else {
         Err(p.0)
@@ -366,21 +426,13 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
                 "is empty; expected one or more of leader, sync, async, any",
             );
         }
-        let mut roles = Vec::new();
-        for (i, r) in rp.roles.iter().enumerate() {
-            match PortRole::parse(r) {
-                Some(role) if roles.contains(&role) => p.add(
-                    &format!("{pp}.roles[{i}]"),
-                    format!("role {r:?} is listed twice"),
-                ),
-                Some(role) => roles.push(role),
-                None => p.add(
-                    &format!("{pp}.roles[{i}]"),
-                    format!(
-                        "unknown role {r:?}; expected leader, sync, async, any or standby_leader"
-                    ),
-                ),
-            }
+        let roles = role_list(p, &format!("{pp}.roles"), &rp.roles);
+        let policy = port_policy(p, &pp, &rp, &roles);
+        if let Some(n) = rp.max_waiting.filter(|n| *n > 1_000_000) {
+            p.add(
+                &format!("{pp}.max_waiting"),
+                format!("{n} is out of range; expected 0 to 1000000"),
+            );
         }
         if rp.host_port == Some(0) {
             p.add(
@@ -397,9 +449,145 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
             host_port: rp.host_port,
             max_lag_in_bytes: rp.max_lag_in_bytes,
             backend_wait_timeout,
+            policy,
+            max_waiting: rp.max_waiting.map(|n| n as usize),
         });
     }
     ClusterConfig { name, hosts, ports }
+}
+
+/// Role names at `path`, each checked; duplicates are errors.
+fn role_list(p: &mut Problems, path: &str, names: &[String]) -> Vec<PortRole> {
+    let mut roles = Vec::new();
+    for (i, r) in names.iter().enumerate() {
+        match PortRole::parse(r) {
+            Some(role) if roles.contains(&role) => p.add(
+                &format!("{path}[{i}]"),
+                format!("role {r:?} is listed twice"),
+            ),
+            Some(role) => roles.push(role),
+            None => p.add(
+                &format!("{path}[{i}]"),
+                format!("unknown role {r:?}; expected leader, sync, async, any or standby_leader"),
+            ),
+        }
+    }
+    roles
+}
+
+/// The lag, preference and fallback keys of the port at `pp`.
+fn port_policy(p: &mut Problems, pp: &str, rp: &RawPort, roles: &[PortRole]) -> PortPolicy {
+    let lag_only = [
+        (
+            "max_lag_in_bytes_close",
+            rp.max_lag_in_bytes_close.is_some(),
+        ),
+        ("lag_grace", rp.lag_grace.is_some()),
+        ("lag_return_percent", rp.lag_return_percent.is_some()),
+        ("lag_return_polls", rp.lag_return_polls.is_some()),
+    ];
+    let lag = match rp.max_lag_in_bytes {
+        None => {
+            for (key, _) in lag_only.iter().filter(|(_, set)| *set) {
+                p.add(&format!("{pp}.{key}"), "needs max_lag_in_bytes on the port");
+            }
+            None
+        }
+        Some(max) => {
+            if let Some(c) = rp.max_lag_in_bytes_close.filter(|c| *c < max) {
+                p.add(
+                    &format!("{pp}.max_lag_in_bytes_close"),
+                    format!("{c} is under max_lag_in_bytes ({max})"),
+                );
+            }
+            let grace = p.seconds(&format!("{pp}.lag_grace"), rp.lag_grace, 0.0, true);
+            let mut ranged = |key: &str, v: Option<u64>, default: u64, lo: u64, hi: u64| {
+                let v = v.unwrap_or(default);
+                if !(lo..=hi).contains(&v) {
+                    p.add(
+                        &format!("{pp}.{key}"),
+                        format!("{v} is out of range; expected {lo} to {hi}"),
+                    );
+                }
+                v.clamp(lo, hi)
+            };
+            let percent = ranged(
+                "lag_return_percent",
+                rp.lag_return_percent,
+                policy::DEFAULT_RETURN_PERCENT.into(),
+                0,
+                100,
+            );
+            let polls = ranged(
+                "lag_return_polls",
+                rp.lag_return_polls,
+                policy::DEFAULT_RETURN_POLLS.into(),
+                1,
+                1000,
+            );
+            Some(LagRules::new(
+                max,
+                rp.max_lag_in_bytes_close,
+                grace,
+                percent as u8,
+                polls as u32,
+            ))
+        }
+    };
+    let prefer = role_list(
+        p,
+        &format!("{pp}.prefer"),
+        rp.prefer.as_deref().unwrap_or_default(),
+    );
+    for (i, r) in prefer.iter().enumerate() {
+        if !roles.contains(r) && !roles.contains(&PortRole::Any) {
+            p.add(
+                &format!("{pp}.prefer[{i}]"),
+                format!("{} is not one of the port's roles", r.as_str()),
+            );
+        }
+    }
+    let fallback = role_list(
+        p,
+        &format!("{pp}.fallback"),
+        rp.fallback.as_deref().unwrap_or_default(),
+    );
+    for (i, r) in fallback.iter().enumerate() {
+        if roles.contains(r) || roles.contains(&PortRole::Any) {
+            p.add(
+                &format!("{pp}.fallback[{i}]"),
+                format!("{} is already served by the port's roles", r.as_str()),
+            );
+        }
+    }
+    let fallback_return = match rp
+        .fallback_return
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("keep") => FallbackReturn::Keep,
+        Some("close") => FallbackReturn::Close,
+        Some(other) => {
+            p.add(
+                &format!("{pp}.fallback_return"),
+                format!("unknown value {other:?}; expected keep or close"),
+            );
+            FallbackReturn::Keep
+        }
+    };
+    if rp.fallback_return.is_some() && fallback.is_empty() {
+        p.add(
+            &format!("{pp}.fallback_return"),
+            "needs fallback on the port",
+        );
+    }
+    PortPolicy {
+        lag,
+        prefer,
+        fallback,
+        fallback_return,
+    }
 }
 
 /// Accepts `http://host[:port][/path]` or `https://…`, returns it without a
@@ -412,20 +600,23 @@ fn check_api_url(url: &str) -> Result<String, String> {
     } else if let Some(r) = lower.strip_prefix("https://") {
         if !cfg!(feature = "tls") {
             return Err(format!(
-                "{url:?} uses https, but this build has no TLS support (build with --features tls)"
+                "{:?} uses https, but this build has no TLS support (build with --features tls)",
+                config_guard::redact(url)
             ));
         }
         r
     } else {
-        return Err(format!("{url:?} is not an http:// or https:// URL"));
+        return Err(format!(
+            "{:?} is not an http:// or https:// URL",
+            config_guard::redact(url)
+        ));
     };
+    let shown = config_guard::redact(trimmed);
     let authority = rest.split('/').next().unwrap_or("");
-    if authority.is_empty() || authority.starts_with(':') {
-        return Err(format!("{url:?} has no host"));
-    }
+    config_guard::check_authority(authority, &shown)?;
     if rest.contains(['?', '#', ' ']) {
         return Err(format!(
-            "{url:?} must not contain a query, fragment or spaces"
+            "{shown:?} must not contain a query, fragment or spaces"
         ));
     }
     Ok(trimmed.trim_end_matches('/').to_string())
@@ -444,28 +635,153 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Two addresses clash when they share a port and either is the same IP or
-/// one of them is a wildcard (the kernel refuses the second bind).
+/// one of them is a wildcard (the kernel refuses the second bind). An
+/// IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) is the IPv4 address.
 pub fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
-    let wildcard = |ip: IpAddr| ip.is_unspecified();
-    a.port() == b.port() && (a.ip() == b.ip() || wildcard(a.ip()) || wildcard(b.ip()))
+    let (ia, ib) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() == b.port() && (ia == ib || ia.is_unspecified() || ib.is_unspecified())
 }
 
+/// Most ports one file may define: what the poll's token range for
+/// listeners holds (`proxy::token` asserts it at compile time).
+pub const MAX_PORTS: usize = 65_520;
+
+/// Every listening address against every other, in linear time: by exact
+/// (canonical) address, by port for wildcards.
 fn check_listen_clashes(p: &mut Problems, admin: SocketAddr, clusters: &[ClusterConfig]) {
-    let mut seen: Vec<(String, SocketAddr)> = vec![("listen_address".to_string(), admin)];
+    use std::collections::HashMap;
+    let count: usize = clusters.iter().map(|c| c.ports.len()).sum();
+    if count > MAX_PORTS {
+        p.add(
+            "clusters",
+            format!("{count} ports are defined; at most {MAX_PORTS} can listen"),
+        );
+    }
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    // The first path seen per exact address, per port, and per wildcard port.
+    let mut exact: HashMap<SocketAddr, String> = HashMap::new();
+    let mut by_port: HashMap<u16, String> = HashMap::new();
+    let mut wildcard: HashMap<u16, String> = HashMap::new();
+    let mut add = |p: &mut Problems, path: String, written: SocketAddr| {
+        let addr = canonical(written);
+        let other = exact
+            .get(&addr)
+            .or_else(|| wildcard.get(&addr.port()))
+            .or_else(|| {
+                addr.ip()
+                    .is_unspecified()
+                    .then(|| by_port.get(&addr.port()))
+                    .flatten()
+            });
+        if let Some(other) = other {
+            p.add(&path, format!("{written} clashes with {other}"));
+        }
+        exact.entry(addr).or_insert_with(|| path.clone());
+        by_port.entry(addr.port()).or_insert_with(|| path.clone());
+        if addr.ip().is_unspecified() {
+            wildcard.entry(addr.port()).or_insert(path);
+        }
+    };
+    add(p, "listen_address".to_string(), admin);
     for c in clusters {
         for port in &c.ports {
             let path = format!("clusters.{}.ports.{}.listen", c.name, port.name);
-            if let Some((other, _)) = seen.iter().find(|(_, a)| addresses_clash(*a, port.listen)) {
-                p.add(&path, format!("{} clashes with {other}", port.listen));
-            }
-            seen.push((path, port.listen));
+            add(p, path, port.listen);
         }
+    }
+}
+
+/// The `health:` section: addresses that clash with nothing else, and a
+/// `member` of the form `cluster/member` naming a configured cluster.
+fn health(
+    p: &mut Problems,
+    raw: Option<RawHealth>,
+    admin: SocketAddr,
+    clusters: &[ClusterConfig],
+) -> HealthConfig {
+    let Some(raw) = raw else {
+        return HealthConfig::default();
+    };
+    let mut taken: Vec<(String, SocketAddr)> = vec![("listen_address".into(), admin)];
+    for c in clusters {
+        for port in &c.ports {
+            taken.push((
+                format!("clusters.{}.ports.{}.listen", c.name, port.name),
+                port.listen,
+            ));
+        }
+    }
+    let mut addr = |key: &str, v: Option<String>| {
+        let path = format!("health.{key}");
+        let a = match parse_listen(v.as_deref()?) {
+            Ok(a) => a,
+            Err(e) => {
+                p.add(&path, e);
+                return None;
+            }
+        };
+        if let Some((other, _)) = taken.iter().find(|(_, t)| addresses_clash(*t, a)) {
+            p.add(&path, format!("{a} clashes with {other}"));
+        }
+        taken.push((path, a));
+        Some(a)
+    };
+    let listen = addr("listen", raw.listen);
+    let agent_listen = addr("agent_listen", raw.agent_listen);
+    let member = raw.member.and_then(|m| match m.split_once('/') {
+        Some((c, n)) if !n.is_empty() && clusters.iter().any(|cl| cl.name == c) => {
+            Some((c.to_string(), n.to_string()))
+        }
+        Some((c, n)) if !n.is_empty() => {
+            p.add("health.member", format!("no cluster {c:?} is configured"));
+            None
+        }
+        _ => {
+            p.add("health.member", format!("{m:?} is not <cluster>/<member>"));
+            None
+        }
+    });
+    HealthConfig {
+        listen,
+        agent_listen,
+        member,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_section() {
+        let base = "clusters:\n  main:\n    hosts: [\"http://127.0.0.1:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:5432\", roles: [leader]}\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.health, HealthConfig::default());
+        let c = parse(&format!(
+            "{base}health: {{listen: \"0.0.0.0:8010\", agent_listen: \"127.0.0.1:8011\", member: main/node1}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.health.listen, Some("0.0.0.0:8010".parse().unwrap()));
+        assert_eq!(
+            c.health.agent_listen,
+            Some("127.0.0.1:8011".parse().unwrap())
+        );
+        assert_eq!(c.health.member, Some(("main".into(), "node1".into())));
+        let e = errors(&format!(
+            "{base}health: {{listen: \"0.0.0.0:5432\", agent_listen: nope, member: other/x}}\n"
+        ));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0]
+            .starts_with("health.listen: 0.0.0.0:5432 clashes with clusters.main.ports.rw.listen"));
+        assert!(e[1].starts_with("health.agent_listen: "));
+        assert_eq!(e[2], "health.member: no cluster \"other\" is configured");
+        assert!(
+            errors(&format!("{base}health: {{member: x}}\n"))[0].contains("not <cluster>/<member>")
+        );
+        assert!(
+            errors(&format!("{base}health: {{lissen: x}}\n"))[0].contains("unknown field `lissen`")
+        );
+    }
 
     /// The older patroni_proxy's format; also used by the CLI test.
     const OLD_FORMAT: &str = include_str!("../tests/fixtures/patroni_proxy.yaml");
@@ -650,6 +966,104 @@ mod tests {
         );
     }
 
+    fn port(keys: &str) -> String {
+        format!("clusters:\n  c:\n    hosts: [\"http://x\"]\n    ports:\n      p: {{listen: \"127.0.0.1:1\", {keys}}}\n")
+    }
+
+    #[test]
+    fn routing_policy_defaults_keep_old_configs_meaning() {
+        let c = parse(OLD_FORMAT).unwrap();
+        assert_eq!(c.clusters[0].ports[0].policy, PortPolicy::default());
+        let lag = c.clusters[0].ports[1].policy.lag.unwrap();
+        assert_eq!(lag.max, 16_777_216);
+        assert_eq!(
+            lag.grace,
+            Duration::ZERO,
+            "sessions closed at once, as before"
+        );
+        assert_eq!(lag.close_max, None);
+        assert_eq!(lag.return_mark, 13_421_772, "80 % of the limit");
+        assert_eq!(lag.return_polls, 3);
+    }
+
+    #[test]
+    fn user_timeout_and_max_waiting() {
+        let c = parse("clusters: {}").unwrap();
+        assert_eq!(c.tcp_user_timeout, Some(Duration::from_secs(30)));
+        let c = parse("tcp_user_timeout: 0\nclusters: {}").unwrap();
+        assert_eq!(c.tcp_user_timeout, None);
+        let c = parse(&port("roles: [leader], max_waiting: 5")).unwrap();
+        assert_eq!(c.clusters[0].ports[0].max_waiting, Some(5));
+        assert_eq!(
+            parse(&port("roles: [leader]")).unwrap().clusters[0].ports[0].max_waiting,
+            None
+        );
+        let e = errors(&port("roles: [leader], max_waiting: 2000000"));
+        assert_eq!(
+            e,
+            ["clusters.c.ports.p.max_waiting: 2000000 is out of range; expected 0 to 1000000"]
+        );
+    }
+
+    #[test]
+    fn routing_policy_keys_load() {
+        let c = parse(&port(
+            "roles: [sync, async], max_lag_in_bytes: 1000, max_lag_in_bytes_close: 5000, lag_grace: 30, lag_return_percent: 50, lag_return_polls: 2, prefer: [sync], fallback: [leader], fallback_return: close",
+        ))
+        .unwrap();
+        let pol = &c.clusters[0].ports[0].policy;
+        assert_eq!(
+            pol.lag,
+            Some(LagRules::new(
+                1000,
+                Some(5000),
+                Duration::from_secs(30),
+                50,
+                2
+            ))
+        );
+        assert_eq!(pol.prefer, [PortRole::Sync]);
+        assert_eq!(pol.fallback, [PortRole::Leader]);
+        assert_eq!(pol.fallback_return, FallbackReturn::Close);
+    }
+
+    #[test]
+    fn routing_policy_problems_name_their_keys() {
+        let e = errors(&port(
+            "roles: [async], lag_grace: 5, lag_return_polls: 2, prefer: [sync], fallback: [async, lead], fallback_return: close",
+        ));
+        let p = "clusters.c.ports.p";
+        assert_eq!(
+            e,
+            [
+                format!("{p}.lag_grace: needs max_lag_in_bytes on the port"),
+                format!("{p}.lag_return_polls: needs max_lag_in_bytes on the port"),
+                format!("{p}.prefer[0]: sync is not one of the port's roles"),
+                format!("{p}.fallback[1]: unknown role \"lead\"; expected leader, sync, async, any or standby_leader"),
+                format!("{p}.fallback[0]: async is already served by the port's roles"),
+            ]
+        );
+        let e = errors(&port(
+            "roles: [any], max_lag_in_bytes: 1000, max_lag_in_bytes_close: 999, lag_grace: -1, lag_return_percent: 101, lag_return_polls: 0, fallback: [leader], fallback_return: later",
+        ));
+        assert_eq!(
+            e,
+            [
+                format!("{p}.max_lag_in_bytes_close: 999 is under max_lag_in_bytes (1000)"),
+                format!("{p}.lag_grace: -1 seconds is out of range; expected 0 to 86400"),
+                format!("{p}.lag_return_percent: 101 is out of range; expected 0 to 100"),
+                format!("{p}.lag_return_polls: 0 is out of range; expected 1 to 1000"),
+                format!("{p}.fallback[0]: leader is already served by the port's roles"),
+                format!("{p}.fallback_return: unknown value \"later\"; expected keep or close"),
+            ]
+        );
+        let e = errors(&port("roles: [leader], fallback_return: keep"));
+        assert_eq!(
+            e,
+            [format!("{p}.fallback_return: needs fallback on the port")]
+        );
+    }
+
     #[test]
     fn structural_errors_carry_their_path() {
         let e = errors("clusters:\n  a:\n    hosts: [\"http://x\"]\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [leader], host_port: 70000}\n");
@@ -659,5 +1073,117 @@ mod tests {
         );
         assert!(!errors("clusters: [").is_empty());
         assert!(!errors("").is_empty(), "an empty file lacks `clusters`");
+    }
+
+    const ONE_PORT: &str = "    hosts: [\"http://a:8008\"]\n    ports:\n      p: {listen: \"127.0.0.1:7000\", roles: [leader]}\n";
+
+    #[test]
+    fn a_port_or_cluster_written_twice_is_rejected_with_its_path() {
+        let e = errors(
+            "clusters:\n  main:\n    hosts: [\"http://a:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:7000\", roles: [leader]}\n      rw: {listen: \"127.0.0.1:7001\", roles: [leader]}\n",
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("clusters.main.ports: duplicate entry with key \"rw\""),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "clusters:\n  main:\n{ONE_PORT}  main:\n{ONE_PORT}"
+        ));
+        assert!(
+            e[0].starts_with("clusters: duplicate entry with key \"main\""),
+            "{e:?}"
+        );
+        // Inside a struct too (serde's own words, also with the path).
+        let e = errors("tcp_keepalive: {idle: 5, idle: 6}\nclusters: {}\n");
+        assert!(e[0].starts_with("tcp_keepalive: duplicate entry"), "{e:?}");
+    }
+
+    #[test]
+    fn credentials_in_api_urls_are_rejected_and_never_shown() {
+        let e = errors(
+            "clusters:\n  a:\n    hosts: [\"http://admin:s3cret@h:8008\"]\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [leader]}\n",
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("tls.username and tls.password_file"), "{e:?}");
+        assert!(e[0].contains("http://***@h:8008"), "{e:?}");
+        // Structural errors quote values; the password is masked there too.
+        let e = errors("clusters:\n  a:\n    hosts: \"http://admin:s3cret@h\"\n    ports: {}\n");
+        assert!(!e.iter().any(|m| m.contains("s3cret")), "{e:?}");
+        let e = errors("clusters: {a: {hosts: [\"http://u:s3/cret@h\"], ports: {}}}");
+        assert!(e[0].contains("carries credentials"), "{e:?}");
+        assert!(!e.iter().any(|m| m.contains("s3")), "{e:?}");
+        assert!(
+            !errors("clusters: {a: {hosts: [\"ftp://u:s3cret@h\"], ports: {}}}")
+                .iter()
+                .any(|m| m.contains("s3cret"))
+        );
+    }
+
+    #[test]
+    fn a_host_url_port_out_of_range_is_rejected() {
+        let e = errors(
+            "clusters:\n  a:\n    hosts: [\"http://h:99999\"]\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [leader]}\n",
+        );
+        assert_eq!(
+            e,
+            ["clusters.a.hosts[0]: \"http://h:99999\" has port \"99999\"; expected a number from 1 to 65535"]
+        );
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_clashes_with_the_ipv4_address() {
+        let e = errors(
+            "clusters:\n  a:\n    hosts: [\"http://a:8008\"]\n    ports:\n      p1: {listen: \"127.0.0.1:6432\", roles: [leader]}\n      p2: {listen: \"[::ffff:127.0.0.1]:6432\", roles: [any]}\n",
+        );
+        assert_eq!(
+            e,
+            ["clusters.a.ports.p2.listen: [::ffff:127.0.0.1]:6432 clashes with clusters.a.ports.p1.listen"]
+        );
+        let e = errors(
+            "listen_address: \"[::ffff:127.0.0.1]:7000\"\nclusters:\n  a:\n    hosts: [\"http://a:8008\"]\n    ports:\n      p: {listen: \"127.0.0.1:7000\", roles: [any]}\n",
+        );
+        assert_eq!(
+            e,
+            ["clusters.a.ports.p.listen: 127.0.0.1:7000 clashes with listen_address"]
+        );
+    }
+
+    /// A 1 MiB file cannot hold this many ports; the check stands should
+    /// the size cap ever be raised.
+    #[test]
+    fn more_ports_than_the_listener_limit_are_rejected() {
+        let ports = (0..=MAX_PORTS)
+            .map(|i| PortConfig {
+                name: format!("p{i}"),
+                listen: SocketAddr::from((
+                    [127, 0, 1, (i / 60_000) as u8],
+                    1 + (i % 60_000) as u16,
+                )),
+                roles: vec![PortRole::Any],
+                host_port: None,
+                max_lag_in_bytes: None,
+                backend_wait_timeout: Duration::ZERO,
+                policy: PortPolicy::default(),
+                max_waiting: None,
+            })
+            .collect();
+        let clusters = [ClusterConfig {
+            name: "a".into(),
+            hosts: vec!["http://a:8008".into()],
+            ports,
+        }];
+        let mut p = Problems(Vec::new());
+        let started = std::time::Instant::now();
+        check_listen_clashes(&mut p, DEFAULT_ADMIN_ADDRESS.parse().unwrap(), &clusters);
+        assert_eq!(
+            p.0,
+            [format!(
+                "clusters: {} ports are defined; at most {MAX_PORTS} can listen",
+                MAX_PORTS + 1
+            )]
+        );
+        // 65,521 listen addresses against each other, in linear time.
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 }

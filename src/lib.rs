@@ -7,20 +7,28 @@
 //!
 //! Dependency direction (nothing points back up):
 //! `main -> {config, proxy}`;
-//! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error}`;
-//! `updater -> {patroni, topology}`; `config -> {topology, error}`;
-//! `patroni -> topology`. `topology`, `pgwire`, `admin`, `signals`, `notify`
-//! and `error` depend on nothing of ours. The loop and the updater threads
+//! `proxy -> {updater, config, topology, policy, admin, pgwire, signals, notify, error, health, metrics}`;
+//! `updater -> {patroni, topology, dns}`;
+//! `config -> {topology, policy, error, config_guard}`; `policy -> topology`;
+//! `patroni -> topology`; `health -> {topology, patroni}` (patroni in its
+//! tests only).
+//! `topology`, `pgwire`, `admin`, `metrics`, `signals`, `notify`, `error`,
+//! `dns` and `config_guard` depend on nothing of ours. The loop and the updater threads
 //! share only the message types in `updater`. Every libc call and every
 //! `unsafe` block is in `proxy::sys`.
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod config_guard;
+pub mod dns;
 pub mod error;
+pub mod health;
+pub mod metrics;
 pub mod notify;
 pub mod patroni;
 pub mod pgwire;
+pub mod policy;
 pub mod proxy;
 pub mod signals;
 pub mod topology;

@@ -13,9 +13,16 @@
 //! ...) is skipped and reported; it never discards the rest of the answer.
 //! Only a body that is not a JSON object with a `members` array is an error.
 
+use std::collections::HashSet;
+
 use serde_json::{Map, Value};
 
-use crate::topology::{Member, Role, Topology};
+use crate::topology::{Member, Role, Tag, Topology};
+
+/// Most members an answer may list. A Patroni cluster has a handful; this
+/// bounds what one answer costs the event loop (each change is diffed and
+/// routed per member) and the memory it holds.
+pub const MAX_MEMBERS: usize = 1_000;
 
 /// A parsed answer: the topology (addresses not resolved yet) and one line
 /// per member that was skipped.
@@ -34,18 +41,30 @@ pub fn parse(body: &[u8]) -> Result<Parsed, String> {
         Some(_) => return Err("`members` is not an array".into()),
         None => return Err("no `members` key".into()),
     };
+    if members.len() > MAX_MEMBERS {
+        return Err(format!(
+            "`members` has {} entries; at most {MAX_MEMBERS} are accepted",
+            members.len()
+        ));
+    }
     let mut topology = Topology {
         members: Vec::with_capacity(members.len()),
         scope: obj.get("scope").and_then(Value::as_str).map(str::to_string),
         paused: obj.get("pause").is_some_and(truthy),
+        lsn_fields: members.iter().any(|m| m.get("receive_lag").is_some()),
+        maximum_lag_on_failover: None,
     };
     let mut skipped = Vec::new();
+    let mut names = HashSet::new();
     for (i, v) in members.iter().enumerate() {
         match member(v) {
-            Ok(m) if topology.member(&m.name).is_some() => {
+            Ok(m) if names.contains(&m.name) => {
                 skipped.push(format!("members[{i}] ({}): duplicate name", m.name))
             }
-            Ok(m) => topology.members.push(m),
+            Ok(m) => {
+                names.insert(m.name.clone());
+                topology.members.push(m)
+            }
             Err(e) => {
                 let name = v.get("name").and_then(Value::as_str).unwrap_or("?");
                 skipped.push(format!("members[{i}] ({name}): {e}"));
@@ -92,10 +111,40 @@ fn member(v: &Value) -> Result<Member, String> {
         timeline: o.get("timeline").and_then(number),
         lag: o.get("lag").and_then(number),
         replay_lag: o.get("replay_lag").and_then(number),
+        receive_lag: o.get("receive_lag").and_then(number),
         noloadbalance: tags
             .and_then(|t| t.get("noloadbalance"))
             .is_some_and(truthy),
+        tags: tags.map(patroni_tags).unwrap_or_default(),
     })
+}
+
+/// Tags as Patroni's health checks see them; a `null` value is no tag.
+fn patroni_tags(tags: &Map<String, Value>) -> Vec<Tag> {
+    tags.iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| Tag {
+            key: k.clone(),
+            value: match v {
+                Value::String(s) => s.clone(),
+                Value::Bool(b) => if *b { "true" } else { "false" }.to_string(),
+                other => other.to_string().to_lowercase(),
+            },
+            truthy: python_truthy(v),
+        })
+        .collect()
+}
+
+/// Python's `bool(v)` of a JSON value.
+fn python_truthy(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Null => false,
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
 }
 
 fn required_str<'a>(o: &'a Map<String, Value>, key: &str) -> Result<&'a str, String> {
@@ -314,6 +363,31 @@ mod tests {
         assert_eq!(
             parse(br#"{"members": {}}"#).unwrap_err(),
             "`members` is not an array"
+        );
+    }
+
+    #[test]
+    fn an_answer_with_too_many_members_is_refused_with_the_count() {
+        let member = |i: usize| {
+            format!(
+                r#"{{"name":"m{i}","role":"replica","state":"streaming","host":"127.0.0.1","port":5432}}"#
+            )
+        };
+        let body = |n: usize| {
+            let ms: Vec<String> = (0..n).map(member).collect();
+            format!(r#"{{"members":[{}]}}"#, ms.join(","))
+        };
+        assert_eq!(
+            parse(body(MAX_MEMBERS).as_bytes())
+                .unwrap()
+                .topology
+                .members
+                .len(),
+            MAX_MEMBERS
+        );
+        assert_eq!(
+            parse(body(10_000).as_bytes()).unwrap_err(),
+            "`members` has 10000 entries; at most 1000 are accepted"
         );
     }
 }

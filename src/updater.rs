@@ -2,7 +2,8 @@
 //!
 //! The thread owns everything that may block: HTTP (ureq, with explicit
 //! timeouts and no proxy taken from the environment) and DNS resolution of
-//! member hosts. It sends each poll's outcome to the event loop as an
+//! member hosts (through [`crate::dns`]: in parallel, at most `api_timeout`
+//! per poll, so unresolvable names cannot make polls go stale). It sends each poll's outcome to the event loop as an
 //! [`Update`] and then calls the loop's wake function (send, then wake: the
 //! loop drains the channel on every wake-up, and wake-ups coalesce).
 //!
@@ -16,8 +17,8 @@
 //! body; a host that failed is tried after the others for [`HOST_PENALTY`],
 //! so a hung first host does not cost a timeout on every poll.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, ToSocketAddrs};
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
+use crate::dns;
 use crate::patroni;
 use crate::topology::Topology;
 
@@ -36,8 +38,6 @@ pub const FAST_WINDOW: Duration = Duration::from_secs(5);
 pub const HOST_PENALTY: Duration = Duration::from_secs(10);
 /// Largest `/cluster` body accepted (a 100-member cluster is about 60 KiB).
 pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
-/// How long a resolved member host name is reused.
-const DNS_CACHE: Duration = Duration::from_secs(30);
 /// How often a failure that persists is logged again at warn level.
 const FAILURE_REMINDER: Duration = Duration::from_secs(60);
 
@@ -50,6 +50,8 @@ pub struct Update {
     pub outcome: Result<Polled, String>,
     /// The `RefreshNow` requests this poll answers.
     pub requests: Vec<u64>,
+    /// How long the poll took, every host tried included.
+    pub took: Duration,
 }
 
 /// A successful poll.
@@ -143,7 +145,9 @@ struct Worker {
     fast_until: Option<Instant>,
     /// When each host last failed.
     failed_at: HashMap<String, Instant>,
-    dns: HashMap<String, (Option<IpAddr>, Instant)>,
+    dns: dns::Dns,
+    /// Address problems logged, so each is logged when it starts.
+    complaints: HashSet<String>,
     /// First failure of the current run of failures, and the last warn.
     failing_since: Option<(Instant, Instant)>,
 }
@@ -177,7 +181,8 @@ impl Worker {
             last_skipped: Vec::new(),
             fast_until: None,
             failed_at: HashMap::new(),
-            dns: HashMap::new(),
+            dns: dns::Dns::new(Arc::new(dns::system_lookup)),
+            complaints: HashSet::new(),
             failing_since: None,
         }
     }
@@ -192,6 +197,7 @@ impl Worker {
                 cluster: self.cluster.clone(),
                 outcome,
                 requests: std::mem::take(&mut requests),
+                took: started.elapsed(),
             };
             if self.updates.send(update).is_err() {
                 return; // the loop is gone
@@ -301,43 +307,59 @@ impl Worker {
     }
 
     /// Fills in `ip` for every member with a host: IP literals (IPv6 with or
-    /// without brackets) directly, names through the system resolver (cached
-    /// for [`DNS_CACHE`]).
+    /// without brackets) directly, names through [`dns::Dns`] (in parallel,
+    /// cached, waiting at most `api_timeout`). Logs a name that cannot be
+    /// resolved, and an address that cannot be routed, when it starts.
     fn resolve(&mut self, topo: &mut Topology) {
-        let now = Instant::now();
+        let mut names = Vec::new();
         for m in &mut topo.members {
             let Some(host) = m.host.as_deref() else {
                 continue;
             };
             let literal = host.trim_start_matches('[').trim_end_matches(']');
-            if let Ok(ip) = literal.parse::<IpAddr>() {
-                m.ip = Some(ip);
+            match literal.parse::<IpAddr>() {
+                Ok(ip) => m.ip = Some(ip),
+                Err(_) => names.push(host.to_string()),
+            }
+        }
+        let answers = if names.is_empty() {
+            HashMap::new()
+        } else {
+            self.dns
+                .resolve(names.iter().map(String::as_str), self.settings.api_timeout)
+        };
+        let mut complaints = HashSet::new();
+        for m in &mut topo.members {
+            let Some(host) = m.host.as_deref() else {
                 continue;
-            }
-            if let Some((ip, at)) = self.dns.get(host) {
-                if now.duration_since(*at) < DNS_CACHE {
-                    m.ip = *ip;
-                    continue;
-                }
-            }
-            let ip = match (host, 0u16).to_socket_addrs() {
-                // A name with both families: IPv4 first, as PostgreSQL's
-                // connect_address is nearly always configured that way.
-                Ok(addrs) => {
-                    let ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
-                    ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied()
-                }
-                Err(e) => {
-                    warn!(
-                        "cluster={} member={} cannot resolve host {host:?}: {e}",
-                        self.cluster, m.name
-                    );
+            };
+            let problem = match answers.get(host) {
+                Some(dns::Answer::Ip(ip)) => {
+                    m.ip = Some(*ip);
                     None
                 }
+                Some(dns::Answer::Failed(e)) => Some(format!("cannot resolve host {host:?}: {e}")),
+                Some(dns::Answer::Pending) => Some(format!(
+                    "host {host:?} not resolved within {:?}; still trying",
+                    self.settings.api_timeout
+                )),
+                None => None,
             };
-            self.dns.insert(host.to_string(), (ip, now));
-            m.ip = ip;
+            let problem = problem.or_else(|| {
+                let ip = m.ip?;
+                crate::topology::unroutable(ip).map(|why| {
+                    format!("host {host:?} has address {ip}, which is {why}; not routable")
+                })
+            });
+            if let Some(p) = problem {
+                let line = format!("member={} {p}", m.name);
+                if !self.complaints.contains(&line) {
+                    warn!("cluster={} {line}", self.cluster);
+                }
+                complaints.insert(line);
+            }
         }
+        self.complaints = complaints;
     }
 
     fn failing(&mut self, msg: &str) {

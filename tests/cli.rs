@@ -75,6 +75,37 @@ fn config_errors_exit_2_naming_the_key() {
     assert!(stderr(&o).contains("cannot read"));
 }
 
+/// What `-t` used to pass although the proxy could not start as written
+/// (issue 11): each is exit 2 with the key path, and no password is shown.
+#[test]
+fn test_flag_catches_configs_that_cannot_start_as_written() {
+    let cases = [
+        (
+            "clusters:\n  a:\n    hosts: [\"http://h:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:6432\", roles: [leader]}\n      rw: {listen: \"127.0.0.1:6433\", roles: [leader]}\n",
+            "clusters.a.ports: duplicate entry with key \"rw\"",
+        ),
+        (
+            "clusters:\n  a:\n    hosts: [\"http://h:99999\"]\n    ports:\n      rw: {listen: \"127.0.0.1:6432\", roles: [leader]}\n",
+            "clusters.a.hosts[0]: \"http://h:99999\" has port \"99999\"",
+        ),
+        (
+            "clusters:\n  a:\n    hosts: [\"http://h:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:6432\", roles: [leader]}\n      ro: {listen: \"[::ffff:127.0.0.1]:6432\", roles: [any]}\n",
+            "clusters.a.ports.rw.listen: 127.0.0.1:6432 clashes with clusters.a.ports.ro.listen",
+        ),
+        (
+            "clusters:\n  a:\n    hosts: [\"http://admin:s3cret@h:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:6432\", roles: [leader]}\n",
+            "\"http://***@h:8008\" carries credentials",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let o = with_config(yaml, &["-t"]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{yaml}\n{e}");
+        assert!(e.contains(want), "want {want:?} in {e}");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+}
+
 #[test]
 fn a_port_that_cannot_bind_is_fatal() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

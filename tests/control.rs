@@ -434,3 +434,185 @@ fn systemd_is_told_ready_reloading_and_stopping() {
     assert!(next().starts_with("STOPPING=1"));
     assert!(proxy.wait_exit(Duration::from_secs(5)).unwrap().success());
 }
+
+/// One `GET /` on a fresh connection: the status code and how long it took.
+fn timed_root(admin: SocketAddr) -> (Option<u16>, Duration) {
+    let started = Instant::now();
+    let code = (|| {
+        let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(20)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.split(' ').nth(1)?.parse().ok()
+    })();
+    (code, started.elapsed())
+}
+
+/// Issue 11: 500 slow and then 5,000 idle connections kept `GET /` out for
+/// 20 s and over 30 s (64 slots, each held for the 5 s idle deadline). Now
+/// a new connection takes the place of the oldest unfinished one, and
+/// liveness answers at once.
+#[test]
+fn liveness_answers_under_slow_and_idle_admin_connections() {
+    let (_n1, _api, cfg, _) = one_leader("");
+    let p = Proxy::start(&cfg);
+    let admin = p.admin;
+    let mut held = Vec::new();
+    // Slow: a request head that never ends.
+    for _ in 0..500 {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+        held.push(s);
+    }
+    let (code, slow) = timed_root(admin);
+    assert_eq!(code, Some(200), "after 500 slow connections");
+    // Idle: connected, nothing sent.
+    for _ in 0..5000 {
+        held.push(TcpStream::connect(admin).unwrap());
+    }
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        let (code, took) = timed_root(admin);
+        assert_eq!(code, Some(200), "after 5,000 idle connections");
+        idle.push(took);
+    }
+    let worst = idle.iter().max().unwrap();
+    println!("GET / with 500 slow connections: {slow:?}; with 5,500 held: worst of 5 {worst:?}");
+    assert!(
+        slow < Duration::from_secs(5) && *worst < Duration::from_secs(5),
+        "{slow:?} {idle:?}"
+    );
+    assert!(p.log().contains("admin connections all taken"));
+}
+
+/// Issue 11: under EMFILE the admin accept path logged on every loop turn.
+/// It now pauses with a backoff, logs once, and answers once descriptors
+/// are free again.
+#[test]
+fn admin_accept_pauses_on_emfile_logs_once_and_recovers() {
+    let (_n1, _api, cfg, _) = one_leader("");
+    let held = free_port();
+    let cfg = cfg.replace(
+        "    ports:\n",
+        &format!("    ports:\n      held: {{listen: \"127.0.0.1:{held}\", roles: [sync], backend_wait_timeout: 60}}\n"),
+    );
+    let p = Proxy::start_with(&cfg, |cmd| nofile_limit(cmd, 40));
+    let admin = p.admin;
+    let clients: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(local(held)).unwrap())
+        .collect();
+    assert!(p.wait_log("accept failed: Too many open files"));
+    let mut waiting: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(admin).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    assert!(p.wait_log("admin accept failed: Too many open files"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        p.log().matches("pausing admin accepts").count(),
+        1,
+        "logged once per episode, no log line per loop turn"
+    );
+    drop(clients);
+    for s in waiting.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out:?}\n{}", p.log());
+    }
+}
+
+/// Issue 11: the reload parsed the file in the loop (a 60,000-deep YAML
+/// froze every session for 5.3 s). A FIFO as the config file makes the
+/// read block until written: the loop must go on serving meanwhile.
+#[test]
+fn reload_reads_and_parses_the_file_off_the_loop() {
+    let (n1, _api, cfg, rw) = one_leader("");
+    let p = Proxy::start(&cfg);
+    p.wait_backends("main", "rw", &["node1"]);
+    let mut session = Client::connect(local(rw));
+    assert_eq!(session.greeting(), "node1");
+    std::fs::remove_file(&p.config_path).unwrap();
+    let fifo = std::ffi::CString::new(p.config_path.to_str().unwrap()).unwrap();
+    // SAFETY: a plain libc call on a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    p.signal(libc::SIGHUP);
+    assert!(p.wait_log("SIGHUP: reloading"));
+    // The reader blocks in open(2) until a writer comes: the loop does not.
+    for _ in 0..3 {
+        let (code, took) = timed_root(p.admin);
+        assert_eq!(code, Some(200), "admin answers while the file is read");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+    assert!(session.echo("still here"), "sessions are served meanwhile");
+    assert_eq!(whoami(local(rw)), "node1");
+    std::fs::write(
+        &p.config_path,
+        cfg.replace("log_level: debug", "log_level: info"),
+    )
+    .unwrap();
+    assert!(p.wait_log("configuration reloaded"));
+    drop(n1);
+}
+
+/// Issue 11: a 10,000-member answer froze the loop per change and
+/// `GET /clusters` rendered 24 MB. Answers over 1,000 members are refused
+/// with the count; at the cap, the per-member port table is left out where
+/// members x ports would exceed 20,000 cells.
+#[test]
+fn huge_cluster_answers_are_refused_and_clusters_json_stays_bounded() {
+    let members = |n: usize| {
+        let ms: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({"name": format!("m{i:05}"), "role": "replica",
+                    "state": "streaming", "host": "127.0.0.1", "port": 1 + i, "lag": 0})
+            })
+            .collect();
+        cluster(ms)
+    };
+    let api = MockPatroni::start(&members(1001));
+    let ports: String = (0..21)
+        .map(|_| {
+            format!(
+                "p{}: {{listen: \"127.0.0.1:{}\", roles: [any]}}\n",
+                free_port(),
+                free_port()
+            )
+        })
+        .collect();
+    let p = Proxy::start(&config(free_port(), &[api.url()], &ports, ""));
+    let (code, body) = p.get("/update_clusters").unwrap();
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("`members` has 1001 entries; at most 1000 are accepted"),
+        "{body}"
+    );
+    api.set(&members(1000));
+    assert_eq!(p.update(), 200);
+    let started = Instant::now();
+    let (code, body) = p.get("/clusters").unwrap();
+    let took = started.elapsed();
+    assert_eq!(code, 200);
+    let s: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} bytes: {}",
+            body.len(),
+            &body[..body.len().min(300)]
+        )
+    });
+    let m = &s["clusters"]["main"]["members"];
+    assert_eq!(m.as_array().unwrap().len(), 1000);
+    assert!(m[0]["ports"]
+        .as_str()
+        .unwrap()
+        .starts_with("left out: 1000 members x 21 ports"));
+    println!(
+        "GET /clusters with 1,000 members x 21 ports: {} bytes in {took:?}",
+        body.len()
+    );
+    assert!(body.len() < 4 << 20, "{} bytes", body.len());
+}

@@ -4,6 +4,8 @@
 
 mod util;
 
+/// packaging/patroni-proxy-callback, the Patroni callback.
+mod callback;
 /// Command line, `-t`, exit codes and configuration errors.
 mod cli;
 /// Admin interface, SIGHUP reload, SIGTERM drain.
@@ -11,6 +13,12 @@ mod control;
 /// Topology changes while clients are connected: failover, split brain,
 /// held clients, API outages.
 mod failover;
+/// Health listeners: Patroni-compatible checks, agent port, /health.
+mod health;
+/// Prometheus output, checked by promtool.
+mod metrics;
+/// Lag grace and hysteresis, preference, fallback, max_waiting.
+mod policy;
 /// Role routing, balancing and eligibility rules, with real Patroni answers.
 mod routing;
 /// Bytes on the wire: large transfers, half-close, concurrency, connect

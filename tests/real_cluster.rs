@@ -17,6 +17,10 @@ mod util;
 
 mod pg;
 
+/// Health checks against Patroni's own answers.
+#[path = "real_cluster_health.rs"]
+mod health_differential;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -46,6 +50,8 @@ struct Cluster {
     nodes: Vec<Node>,
     patronictl: String,
     script: PathBuf,
+    /// The cluster's state directory.
+    state: PathBuf,
 }
 
 fn script() -> PathBuf {
@@ -94,6 +100,7 @@ fn cluster() -> Cluster {
         nodes,
         patronictl: get("PATRONICTL"),
         script: script(),
+        state: get("STATE").into(),
     }
 }
 
@@ -228,19 +235,26 @@ struct Rig {
     ro: SocketAddr,
     sync: SocketAddr,
     any: SocketAddr,
+    /// Like `ro`, with `lag_grace: 600`.
+    graced: SocketAddr,
 }
 
 fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
-    let [rw, ro, sync, any] = [0; 4].map(|_| free_port());
+    rig_polling(c, hosts, INTERVAL)
+}
+
+fn rig_polling(c: Cluster, hosts: Vec<String>, interval: f64) -> Rig {
+    let [rw, ro, sync, any, graced] = [0; 5].map(|_| free_port());
     let ports = format!(
         "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 40}}\n\
          ro: {{listen: \"127.0.0.1:{ro}\", roles: [sync, async], max_lag_in_bytes: 1048576}}\n\
          sync: {{listen: \"127.0.0.1:{sync}\", roles: [sync], backend_wait_timeout: 0}}\n\
-         any: {{listen: \"127.0.0.1:{any}\", roles: [any]}}"
+         any: {{listen: \"127.0.0.1:{any}\", roles: [any]}}\n\
+         graced: {{listen: \"127.0.0.1:{graced}\", roles: [sync, async], max_lag_in_bytes: 1048576, lag_grace: 600}}"
     );
     let cfg = util::config(free_port(), &hosts, &ports, "").replace(
         "cluster_update_interval: 0.2",
-        &format!("cluster_update_interval: {INTERVAL}"),
+        &format!("cluster_update_interval: {interval}"),
     );
     let proxy = Proxy::start(&cfg);
     let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
@@ -257,6 +271,7 @@ fn rig_with_hosts(c: Cluster, hosts: Vec<String>) -> Rig {
         ro: a(ro),
         sync: a(sync),
         any: a(any),
+        graced: a(graced),
     }
 }
 
@@ -506,6 +521,13 @@ fn e_lagging_replica_is_evicted_and_returns() {
     let sessions = one_session_per_replica(&rig);
     let victim_port = sessions[0].0;
     let victim = rig.c.by_port(victim_port).name.clone();
+    // A long session on the victim through the port with lag_grace.
+    let mut graced = (0..10)
+        .find_map(|_| {
+            let mut s = Pg::connect(rig.graced, CONNECT).unwrap();
+            (s.whereami().unwrap().1 == victim_port).then_some(s)
+        })
+        .expect("a session on the victim through the graced port");
     // Patroni 4.1 reports replay_lag: pause replay. Patroni resumes a
     // paused replay by itself (PostgreSQL 14+) unless the cluster is in
     // maintenance mode, so pause Patroni first. Older Patronis report only
@@ -563,6 +585,18 @@ fn e_lagging_replica_is_evicted_and_returns() {
     );
     // The `any` port has no lag limit: the member stays there.
     assert!(rig.proxy.backends("main", "any").contains(&victim));
+    // With lag_grace the long session lives on, and new clients avoid it.
+    assert!(
+        graced.query("SELECT 1").is_ok(),
+        "a session within lag_grace is kept"
+    );
+    for _ in 0..4 {
+        assert_ne!(whereami(rig.graced, CONNECT).unwrap().1, victim_port);
+    }
+    report(
+        "lag with grace",
+        format!("{victim} evicted on both lag-limited ports; its session on the lag_grace port kept, on the other closed"),
+    );
     match walreceiver {
         None => {
             direct.query("SELECT pg_wal_replay_resume()").unwrap();
@@ -576,6 +610,10 @@ fn e_lagging_replica_is_evicted_and_returns() {
             .backends("main", "ro")
             .contains(&victim)),
         "the replica came back once it caught up"
+    );
+    assert!(
+        graced.query("SELECT 1").is_ok(),
+        "and it never lost the session"
     );
     writer.query("DROP TABLE pp_lag").unwrap();
 }
@@ -839,4 +877,353 @@ impl PgbenchCounts {
             self.lines.push(l.to_string());
         }
     }
+}
+
+/// Sends SIGCONT to a process when dropped, so a failed assertion never
+/// leaves a Patroni frozen for the scenarios after it.
+struct Frozen(String);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(&self.0, "CONT");
+    }
+}
+
+/// When `when(seen)` first holds, polled every 10 ms for up to 60 s.
+fn first_time(mut when: impl FnMut() -> bool) -> Option<Instant> {
+    wait_until(Duration::from_secs(60), &mut when).then(Instant::now)
+}
+
+/// A loopback listener that records when the first request arrives (within
+/// 60 s), and its request line; answers 200.
+fn callback_witness() -> (String, thread::JoinHandle<Option<(Instant, String)>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let t = thread::spawn(move || {
+        let mut conn = None;
+        wait_until(Duration::from_secs(60), || {
+            conn = l.accept().ok();
+            conn.is_some()
+        });
+        let (mut conn, _) = conn?;
+        let at = Instant::now();
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 512];
+        let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
+        let line = String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let _ =
+            std::io::Write::write_all(&mut conn, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        Some((at, line))
+    });
+    (url, t)
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn j_frozen_first_api_host_is_passed_over_within_api_timeout() {
+    let c = cluster();
+    // The proxy asks a replica's API first; that Patroni is frozen with
+    // SIGSTOP: its socket accepts, but nothing answers (worse than dead).
+    let first = c.replicas()[0].name.clone();
+    let mut hosts: Vec<String> = vec![c.node(&first).api.clone()];
+    hosts.extend(
+        c.nodes
+            .iter()
+            .filter(|n| n.name != first)
+            .map(|n| n.api.clone()),
+    );
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pid = std::fs::read_to_string(format!("{state}/run/patroni{}.pid", &first[4..]))
+        .unwrap()
+        .trim()
+        .to_string();
+    let rig = rig_with_hosts(c, hosts.clone());
+    let status = |rig: &Rig| rig.proxy.status()["clusters"]["main"].clone();
+    assert_eq!(status(&rig)["api_host"], hosts[0]);
+    let leader = rig.c.leader().pg.port();
+
+    assert_eq!(signal(&pid, "STOP"), 0);
+    let _thaw = Frozen(pid);
+    let frozen_at = Instant::now();
+    // api_timeout is 2 s: the first poll after the freeze waits that long
+    // for the frozen host, then the next host answers.
+    assert!(wait_until(Duration::from_secs(15), || status(&rig)
+        ["api_host"]
+        != hosts[0]));
+    let moved = frozen_at.elapsed();
+    // Clients meanwhile: every one lands where its port says.
+    let (mut rw_ok, mut ro_ok, mut wrong, mut failed) = (0, 0, 0, 0);
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        match whereami(rig.rw, CONNECT) {
+            Ok((false, p)) if p == leader => rw_ok += 1,
+            Ok(_) => wrong += 1,
+            Err(_) => failed += 1,
+        }
+        match whereami(rig.ro, CONNECT) {
+            Ok((true, _)) => ro_ok += 1,
+            Ok(_) => wrong += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    let s = status(&rig);
+    assert_eq!(s["status"], "ok", "{s}");
+    report(
+        "frozen first API (SIGSTOP)",
+        format!(
+            "next host used after {:.1}s; over 12 s: rw {rw_ok} ok, ro {ro_ok} ok, {wrong} misrouted, {failed} failed",
+            moved.as_secs_f64()
+        ),
+    );
+    assert_eq!((wrong, failed), (0, 0));
+    assert!(
+        moved < Duration::from_secs(2 * INTERVAL as u64 + 4),
+        "{moved:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn j_callback_moves_the_leader_port_at_once() {
+    // Polling every 10 s, the proxy alone would follow a switchover up to
+    // 10 s late; Patroni's on_role_change callback
+    // (packaging/patroni-proxy-callback, configured by tests/cluster/cluster
+    // to read $STATE/callback.conf) makes it poll at once.
+    let c = cluster();
+    let hosts = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let rig = rig_polling(c, hosts, 10.0);
+    let conf = rig.c.state.join("callback.conf");
+    let (witness, witnessed) = callback_witness();
+    std::fs::write(&conf, format!("http://{}\n{witness}\n", rig.proxy.admin)).unwrap();
+    let old = rig.c.leader().name.clone();
+    let candidate = rig.c.replicas()[0].name.clone();
+    let apis: Vec<SocketAddr> = rig
+        .c
+        .nodes
+        .iter()
+        .map(|n| n.api.trim_start_matches("http://").parse().unwrap())
+        .collect();
+    let shown = {
+        let candidate = candidate.clone();
+        thread::spawn(move || {
+            first_time(|| {
+                apis.iter().any(|a| {
+                    http_get(*a, "/cluster")
+                        .ok()
+                        .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+                        .is_some_and(|t| {
+                            t["members"].as_array().is_some_and(|ms| {
+                                ms.iter().any(|m| {
+                                    m["name"] == candidate.as_str()
+                                        && m["role"] == "leader"
+                                        && m["state"] == "running"
+                                })
+                            })
+                        })
+                })
+            })
+        })
+    };
+    let followed = {
+        let (admin, candidate) = (rig.proxy.admin, candidate.clone());
+        thread::spawn(move || {
+            first_time(|| {
+                http_get(admin, "/clusters")
+                    .ok()
+                    .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+                    .is_some_and(|s| {
+                        let b = &s["clusters"]["main"]["ports"]["rw"]["backends"];
+                        b.as_array().is_some_and(|b| {
+                            b.len() == 1
+                                && b[0]["member"] == candidate.as_str()
+                                && b[0]["draining"] == false
+                        })
+                    })
+            })
+        })
+    };
+    let started = Instant::now();
+    rig.c.switchover(&old, &candidate);
+    let shown = shown
+        .join()
+        .unwrap()
+        .expect("/cluster never showed the new leader");
+    let followed = followed
+        .join()
+        .unwrap()
+        .expect("the leader port never followed");
+    let (called, line) = witnessed
+        .join()
+        .unwrap()
+        .expect("Patroni ran no on_role_change callback within 60 s");
+    let _ = std::fs::remove_file(&conf);
+    let secs = |a: Instant, b: Instant| {
+        if a >= b {
+            a.duration_since(b).as_secs_f64()
+        } else {
+            -b.duration_since(a).as_secs_f64()
+        }
+    };
+    let gap = secs(followed, shown);
+    report(
+        "callback",
+        format!(
+            "cluster_update_interval 10: new leader {candidate} in /cluster {:.2}s after patronictl started, callback {:+.3}s and leader port {gap:+.3}s after that",
+            secs(shown, started),
+            secs(called, shown)
+        ),
+    );
+    assert!(
+        line.contains(" /update_clusters HTTP/1."),
+        "the callback sent {line:?}"
+    );
+    assert!(
+        gap <= 0.5,
+        "the leader port followed {gap:.3}s after /cluster showed {candidate}"
+    );
+    assert_eq!(
+        whereami(rig.rw, CONNECT).unwrap(),
+        (false, rig.c.node(&candidate).pg.port())
+    );
+    rig.c.run(&["wait"]);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn k_every_api_unreachable_beyond_topology_ttl() {
+    // Every Patroni frozen (SIGSTOP) for longer than the proxy's
+    // topology_ttl (4 s) but shorter than Patroni's own TTL (20 s), so
+    // PostgreSQL and the leader key stay as they were.
+    let c = cluster();
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pids: Vec<String> = (1..=c.nodes.len())
+        .map(|i| {
+            std::fs::read_to_string(format!("{state}/run/patroni{i}.pid"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let rw = free_port();
+    let cfg = util::config(
+        free_port(),
+        &hosts,
+        &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 1}}"),
+        "topology_ttl: 4\napi_timeout: 0.5",
+    )
+    .replace(
+        "cluster_update_interval: 0.2",
+        &format!("cluster_update_interval: {INTERVAL}"),
+    );
+    let proxy = Proxy::start(&cfg);
+    let leader = c.leader();
+    proxy.wait_backends("main", "rw", &[leader.name.as_str()]);
+    let rw = SocketAddr::from(([127, 0, 0, 1], rw));
+    let mut open = Pg::connect(rw, CONNECT).unwrap();
+    assert_eq!(open.whereami().unwrap(), (false, leader.pg.port()));
+
+    let frozen: Vec<Frozen> = pids
+        .into_iter()
+        .map(|pid| {
+            assert_eq!(signal(&pid, "STOP"), 0);
+            Frozen(pid)
+        })
+        .collect();
+    let at = Instant::now();
+    assert!(wait_until(Duration::from_secs(15), || proxy.status()
+        ["clusters"]["main"]["status"]
+        == "stale"));
+    let stale_after = at.elapsed();
+    let refused = (0..5)
+        .filter(|_| Pg::connect(rw, Duration::from_secs(5)).is_err())
+        .count();
+    let kept = open.whereami().is_ok();
+    drop(frozen); // SIGCONT to all
+    let thawed = Instant::now();
+    assert!(wait_until(Duration::from_secs(20), || proxy.status()
+        ["clusters"]["main"]["status"]
+        == "ok"));
+    let fresh_after = thawed.elapsed();
+    let routes_again = whereami(rw, CONNECT).is_ok();
+    report(
+        "every API frozen beyond topology_ttl=4s",
+        format!(
+            "stale after {:.1}s; new clients refused {refused}/5; open session kept: {kept}; fresh again {:.1}s after SIGCONT; routes again: {routes_again}",
+            stale_after.as_secs_f64(),
+            fresh_after.as_secs_f64()
+        ),
+    );
+    assert_eq!(refused, 5, "new clients are refused while stale");
+    assert!(kept, "open sessions are kept");
+    assert!(routes_again);
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn l_etcd_frozen_beyond_patroni_ttl_and_back() {
+    // etcd frozen (SIGSTOP) for 30 s, longer than Patroni's ttl (20 s):
+    // what Patroni does, what the proxy routes each second, and that it
+    // routes writes again once etcd is back.
+    let rig = rig();
+    let state = run_script(&["env"])
+        .lines()
+        .find_map(|l| l.strip_prefix("STATE=").map(str::to_string))
+        .unwrap();
+    let pid = std::fs::read_to_string(format!("{state}/run/etcd.pid"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let status = || rig.proxy.status()["clusters"]["main"]["status"].clone();
+    assert_eq!(signal(&pid, "STOP"), 0);
+    let etcd = Frozen(pid);
+    let at = Instant::now();
+    let (mut primary, mut standby, mut failed, mut stale) = (0, 0, 0, 0);
+    let mut first_standby = None;
+    while at.elapsed() < Duration::from_secs(30) {
+        match whereami(rig.rw, Duration::from_secs(2)) {
+            Ok((false, _)) => primary += 1,
+            Ok((true, _)) => {
+                standby += 1;
+                first_standby.get_or_insert(at.elapsed());
+            }
+            Err(_) => failed += 1,
+        }
+        if status() == "stale" {
+            stale += 1;
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    drop(etcd); // SIGCONT
+    let back = Instant::now();
+    let mut writes_again = None;
+    while back.elapsed() < Duration::from_secs(90) {
+        if matches!(whereami(rig.rw, Duration::from_secs(2)), Ok((false, _))) {
+            writes_again = Some(back.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    report(
+        "etcd frozen 30 s (ttl 20)",
+        format!(
+            "rw samples during the freeze: {primary} reached a primary, {standby} a read-only member (first after {:?}), {failed} refused; {stale} samples with a stale topology; writes through rw again {:?} after SIGCONT",
+            first_standby.map(|d| format!("{:.1}s", d.as_secs_f64())),
+            writes_again.map(|d| format!("{:.1}s", d.as_secs_f64()))
+        ),
+    );
+    assert!(writes_again.is_some(), "rw routes to a primary again");
+    rig.c.run(&["wait"]);
 }

@@ -26,8 +26,17 @@ use crate::admin::{self, Parse, Request, Response, Route};
 
 /// Admin connections must send their request within this.
 pub const ADMIN_IDLE: Duration = Duration::from_secs(5);
-/// Most admin connections at once (the rest wait in the backlog).
+/// Most admin connections at once. When all are taken, a new connection
+/// takes the place of the oldest one still reading its request (idle ones
+/// first), so slow or idle clients cannot keep `GET /` out; the rest wait in
+/// the backlog only while every connection is being answered.
 pub const MAX_ADMIN_CONNS: usize = 64;
+/// Connections accepted per loop turn; more are taken on the next turn.
+pub const ACCEPT_BATCH: usize = 256;
+/// A failed accept (EMFILE and the like) pauses accepting this long at
+/// first, doubling per failure in a row up to [`ACCEPT_PAUSE_MAX`].
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(100);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// The socket of an HTTP connection.
 pub enum Io {
@@ -58,6 +67,12 @@ impl Io {
     fn register(&mut self, registry: &Registry, tok: Token) -> io::Result<()> {
         match self {
             Io::Plain(s) => registry.register(s, tok, Interest::READABLE | Interest::WRITABLE),
+        }
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Io::Plain(s) => s.local_addr().ok(),
         }
     }
 
@@ -179,6 +194,15 @@ impl HttpConn {
         Step::Nothing
     }
 
+    /// The address this connection reached (for `/<endpoint>` checks).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    pub fn is_writing(&self) -> bool {
+        matches!(self.state, State::Writing)
+    }
+
     /// Queues `resp` for writing (the caller then calls [`Self::advance`]).
     pub fn respond(&mut self, resp: &Response) {
         self.output = resp.render();
@@ -222,6 +246,21 @@ pub struct Front {
     pub conns: Slab<HttpConn>,
     closed: Vec<usize>,
     next_id: u64,
+    /// Accepting is paused until then after a failed accept.
+    pub paused_until: Option<Instant>,
+    backoff: Duration,
+    /// Connections closed to make room for newer ones.
+    pub evicted: u64,
+}
+
+/// The outcome of one accept attempt.
+pub enum Accepted {
+    /// A new connection `(key, id, deadline)`.
+    Conn(usize, u64, Instant),
+    /// Nothing more now (backlog empty, or every connection busy).
+    Done,
+    /// The accept failed; retry after this.
+    Paused(Duration),
 }
 
 impl Front {
@@ -246,6 +285,9 @@ impl Front {
             conns: Slab::new(),
             closed: Vec::new(),
             next_id: 1,
+            paused_until: None,
+            backoff: ACCEPT_PAUSE_MIN,
+            evicted: 0,
         })
     }
 
@@ -260,17 +302,21 @@ impl Front {
         self.accept_ready = false;
     }
 
-    /// Accepts while the kernel has connections and there is room; each new
-    /// connection gets an idle deadline. Returns the `(key, id, deadline)`
-    /// of each for the caller's timers.
-    pub fn accept(&mut self, registry: &Registry, now: Instant) -> Vec<(usize, u64, Instant)> {
-        let mut out = Vec::new();
-        while self.accept_ready {
-            if self.conns.len() >= MAX_ADMIN_CONNS {
-                break; // leave the rest in the backlog until one finishes
-            }
+    /// Accepts one connection if the kernel has one, making room by closing
+    /// the oldest connection still reading (idle ones first) when every
+    /// slot is taken. The new connection gets an idle deadline.
+    pub fn accept_one(&mut self, registry: &Registry, now: Instant) -> Accepted {
+        if !self.accept_ready || self.paused_until.is_some_and(|t| now < t) {
+            return Accepted::Done;
+        }
+        self.paused_until = None;
+        if self.conns.len() >= MAX_ADMIN_CONNS && !self.evict_one(registry) {
+            return Accepted::Done; // every one is being answered
+        }
+        loop {
             match self.listener.accept() {
                 Ok((sock, _)) => {
+                    self.backoff = ACCEPT_PAUSE_MIN;
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
                     let mut io = Io::Plain(sock);
@@ -280,20 +326,68 @@ impl Front {
                     let id = self.next_id;
                     self.next_id += 1;
                     let deadline = now + ADMIN_IDLE;
-                    entry.insert(HttpConn::new(id, io, deadline, self.routes));
-                    out.push((key, id, deadline));
+                    let mut conn = HttpConn::new(id, io, deadline, self.routes);
+                    // The request is usually there already: read at once.
+                    conn.readable = true;
+                    entry.insert(conn);
+                    return Accepted::Conn(key, id, deadline);
                 }
                 Err(e) => match sys::accept_error(&e) {
-                    sys::AcceptError::WouldBlock => self.accept_ready = false,
+                    sys::AcceptError::WouldBlock => {
+                        self.accept_ready = false;
+                        self.backoff = ACCEPT_PAUSE_MIN;
+                        return Accepted::Done;
+                    }
                     sys::AcceptError::Retry => {}
                     sys::AcceptError::Pause => {
-                        warn!("admin accept failed: {e}");
-                        break; // retried on the next loop turn
+                        let wait = self.backoff;
+                        if wait == ACCEPT_PAUSE_MIN {
+                            warn!(
+                                "admin accept failed: {e}; pausing admin accepts (connections={})",
+                                self.conns.len()
+                            );
+                        }
+                        self.backoff = (wait * 2).min(ACCEPT_PAUSE_MAX);
+                        self.paused_until = Some(now + wait);
+                        return Accepted::Paused(wait);
                     }
                 },
             }
         }
-        out
+    }
+
+    /// Closes the oldest connection that is still reading its request,
+    /// preferring one that sent nothing. False when there is none.
+    fn evict_one(&mut self, registry: &Registry) -> bool {
+        let victim = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, State::Reading))
+            .min_by_key(|(_, c)| (!c.input.is_empty(), c.id))
+            .map(|(k, _)| k);
+        let Some(key) = victim else {
+            return false;
+        };
+        let mut c = self.conns.remove(key);
+        c.io.deregister(registry);
+        self.evicted += 1;
+        if self.evicted.is_power_of_two() {
+            warn!(
+                "admin connections all taken; closed the oldest unfinished one ({} so far)",
+                self.evicted
+            );
+        }
+        true
+    }
+
+    /// Stops listening and drops every connection (a reload removed or
+    /// moved the listener).
+    pub fn shutdown(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        for (_, mut c) in std::mem::take(&mut self.conns) {
+            c.io.deregister(registry);
+        }
+        self.closed.clear();
     }
 
     /// Marks a connection closed; it is removed at [`Self::reap`].
@@ -342,11 +436,26 @@ impl Admin {
 }
 
 impl Proxy {
+    /// Accepts admin connections and reads each at once, so a `GET /`
+    /// whose bytes came with the connection is answered before newer
+    /// connections can push it out.
     pub(super) fn accept_admin(&mut self) {
         let now = Instant::now();
-        for (key, id, deadline) in self.admin.front.accept(self.poll.registry(), now) {
-            self.timers.add(deadline, Timer::Admin(key, id));
+        for _ in 0..ACCEPT_BATCH {
+            match self.admin.front.accept_one(self.poll.registry(), now) {
+                Accepted::Conn(key, id, deadline) => {
+                    self.timers.add(deadline, Timer::Admin(key, id));
+                    self.admin_event(key, None);
+                }
+                Accepted::Done => return,
+                Accepted::Paused(wait) => {
+                    self.timers.add(now + wait, Timer::AdminAcceptResume);
+                    return;
+                }
+            }
         }
+        // The batch ended with connections left: poll again at once.
+        self.accept.more = true;
     }
 
     pub(super) fn admin_event(&mut self, key: usize, ev: Option<&Event>) {
@@ -375,6 +484,10 @@ impl Proxy {
         let resp = match req.route {
             Route::Root => Response::text(200, "OK"),
             Route::Clusters => Response::json(200, self.status_json()),
+            Route::Metrics => Response::metrics(self.metrics_text()),
+            Route::Health => self.health_summary(),
+            // Not in the admin table.
+            Route::Check => Response::text(404, "not found\n"),
             Route::UpdateClusters => {
                 if self.clusters.is_empty() {
                     Response::text(200, "no clusters configured\n")

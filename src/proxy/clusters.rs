@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn, Level};
 use mio::Waker;
 
-use super::stats::ClusterStats;
+use super::stats::{ClusterStats, PollError};
 use super::Proxy;
 use crate::config::{ClusterConfig, Config};
 use crate::error::{Error, Result};
@@ -219,6 +219,7 @@ impl Clusters {
         cluster: &str,
         updater: u64,
         outcome: std::result::Result<updater::Polled, String>,
+        took: Duration,
         now: Instant,
     ) -> bool {
         let Some(c) = self.map.get_mut(cluster) else {
@@ -228,9 +229,11 @@ impl Clusters {
             return false; // from an updater a reload replaced
         }
         c.stats.polls += 1;
+        c.stats.poll_duration.observe(took.as_secs_f64());
         let polled = match outcome {
             Err(e) => {
                 c.stats.poll_errors += 1;
+                c.stats.poll_errors_by[PollError::classify(&e) as usize] += 1;
                 c.last_error = Some(e);
                 return false;
             }
@@ -310,10 +313,13 @@ impl Proxy {
     pub(super) fn drain_updates(&mut self) {
         while let Some(u) = self.clusters.next_update() {
             let failure = u.outcome.as_ref().err().cloned();
-            if self
-                .clusters
-                .apply(&u.cluster, u.updater, u.outcome, Instant::now())
-            {
+            let changed =
+                self.clusters
+                    .apply(&u.cluster, u.updater, u.outcome, u.took, Instant::now());
+            if failure.is_none() {
+                // Every successful poll counts for the lag rules.
+                self.observe_poll(&u.cluster, changed);
+            } else if changed {
                 self.refresh_listeners(&u.cluster);
             }
             // Answer `/update_clusters` only once the new topology is in effect.

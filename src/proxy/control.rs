@@ -2,23 +2,54 @@
 //! then commit all of it, or keep the running configuration), drain
 //! (SIGTERM: stop accepting, let sessions finish within `shutdown_timeout`),
 //! refresh (SIGUSR1) and exit (SIGQUIT, or a second stop signal).
+//!
+//! The file is read and parsed off the loop, by a short-lived thread per
+//! reload ([`Reload`]): a large or hostile file costs no session a stall.
+//! The loop applies the parsed result when the thread wakes it; SIGHUPs
+//! that arrive meanwhile ask for one more reload after it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::{error, info, warn, Level};
 use mio::net::TcpListener;
+use mio::Waker;
 
 use super::ports::{bind, set_accepted_options};
 use super::session::Close;
 use super::stats::CloseReason;
 use super::timer::Timer;
 use super::Proxy;
-use crate::config;
+use crate::config::{self, Config};
 use crate::error::Result;
 use crate::notify;
 use crate::signals::Action;
+
+/// A reload under way: the thread parsing the file and what it sends back.
+pub struct Reload {
+    tx: Sender<Result<Config>>,
+    rx: Receiver<Result<Config>>,
+    waker: Arc<Waker>,
+    in_flight: bool,
+    /// A SIGHUP arrived while the file was being parsed.
+    again: bool,
+}
+
+impl Reload {
+    pub fn new(waker: Arc<Waker>) -> Reload {
+        let (tx, rx) = channel();
+        Reload {
+            tx,
+            rx,
+            waker,
+            in_flight: false,
+            again: false,
+        }
+    }
+}
 
 impl Proxy {
     pub(super) fn handle_signals(&mut self) {
@@ -87,9 +118,51 @@ impl Proxy {
             warn!("SIGHUP ignored while shutting down");
             return;
         }
+        if self.reload.in_flight {
+            self.reload.again = true;
+            return;
+        }
         info!("SIGHUP: reloading {}", self.config_path.display());
         notify::notify("RELOADING=1\nSTATUS=reloading the configuration");
-        match self.try_reload() {
+        let (path, tx, waker) = (
+            self.config_path.clone(),
+            self.reload.tx.clone(),
+            Arc::clone(&self.reload.waker),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("config-load".into())
+            .spawn(move || {
+                let _ = tx.send(config::load(&path));
+                let _ = waker.wake();
+            });
+        match spawned {
+            Ok(_) => self.reload.in_flight = true,
+            Err(e) => {
+                // No thread: parse here rather than not at all.
+                warn!("cannot start the config-load thread ({e}); parsing in the loop");
+                let parsed = config::load(&self.config_path);
+                self.apply_reload(parsed);
+            }
+        }
+    }
+
+    /// Applies a parsed file when its thread has sent it (after a wake-up).
+    pub(super) fn finish_reload(&mut self) {
+        let Ok(parsed) = self.reload.rx.try_recv() else {
+            return;
+        };
+        self.reload.in_flight = false;
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        self.apply_reload(parsed);
+        if std::mem::take(&mut self.reload.again) {
+            self.reload();
+        }
+    }
+
+    fn apply_reload(&mut self, parsed: Result<Config>) {
+        match parsed.and_then(|new| self.try_reload(new)) {
             Ok(()) => notify::notify(&format!(
                 "READY=1\nSTATUS=reloaded; serving {} ports of {} clusters",
                 self.listeners.len(),
@@ -106,11 +179,11 @@ impl Proxy {
         }
     }
 
-    fn try_reload(&mut self) -> Result<()> {
-        let new = config::load(&self.config_path)?;
+    fn try_reload(&mut self, new: Config) -> Result<()> {
         let mut fresh: HashMap<SocketAddr, TcpListener> = HashMap::new();
+        let bound: HashSet<SocketAddr> = self.listeners.iter().map(|(_, l)| l.addr).collect();
         for (_, port) in new.ports() {
-            if self.listeners.iter().any(|(_, l)| l.addr == port.listen) {
+            if bound.contains(&port.listen) {
                 continue;
             }
             fresh.insert(port.listen, bind(port.listen, new.listen_backlog)?);
@@ -120,6 +193,7 @@ impl Proxy {
         } else {
             None
         };
+        let health = self.health_bind_changes(&new)?;
 
         // Commit.
         log::set_max_level(config::raise_level(new.log_level, self.verbosity));
@@ -131,14 +205,16 @@ impl Proxy {
                 .rebind(sock, new.listen_address, self.poll.registry());
             info!("admin interface moved to {}", new.listen_address);
         }
+        self.health_apply(health);
         self.config = new.clone();
         self.clusters.reconcile(&new);
+        let by_addr: HashMap<SocketAddr, _> = new.ports().map(|cp| (cp.1.listen, cp)).collect();
         for lk in 0..self.listeners.capacity() {
             let Some(l) = self.listeners.get(lk) else {
                 continue;
             };
             let addr = l.addr;
-            match new.ports().find(|(_, p)| p.listen == addr) {
+            match by_addr.get(&addr).copied() {
                 None => self.remove_listener(lk, "removed by reload"),
                 Some((c, p)) => {
                     if l.cluster != c.name {

@@ -139,6 +139,7 @@ impl Proxy {
         let now = Instant::now();
         let connect_timeout = self.config.connect_timeout;
         let keepalive = self.config.tcp_keepalive;
+        let user_timeout = self.config.tcp_user_timeout;
         let Proxy {
             sessions,
             listeners,
@@ -162,7 +163,7 @@ impl Proxy {
             return self.close_session(key, close);
         }
         while let Some(target) = l.backends.pick(&s.tried) {
-            match open_backend(target.addr, keepalive.as_ref()) {
+            match open_backend(target.addr, keepalive.as_ref(), user_timeout) {
                 Ok(sock) => {
                     let mut ep = Endpoint::new(sock);
                     let tok = token::session(key, Side::Backend);
@@ -201,6 +202,25 @@ impl Proxy {
                 }
             }
         }
+        let (lk, cap) = (
+            s.listener,
+            l.max_waiting.filter(|_| s.waited_since.is_none()),
+        );
+        if let Some(max) = cap {
+            // A client that would start waiting: is there room?
+            let held = sessions
+                .iter()
+                .filter(|(k, o)| *k != key && o.listener == lk && o.is_held())
+                .count();
+            if held >= max {
+                let detail = format!("{held} clients already held on {} (max_waiting)", l.label);
+                let close = Close::new(CloseReason::TooManyWaiting, detail, Level::Info);
+                return self.close_session(key, close);
+            }
+        }
+        let Some(s) = sessions.get_mut(key) else {
+            return;
+        };
         let v = if s.tried.is_empty() {
             let v = s.wait_for_member(now, l.wait);
             if !matches!(v, Verdict::Close(_)) {
@@ -234,6 +254,12 @@ impl Proxy {
         if let (Some(l), Some(t)) = (self.listeners.get_mut(s.listener), &s.target) {
             if let Some(m) = l.backends.member_stats(t) {
                 m.connects += 1;
+            }
+            // A held client's wait ends with its first backend.
+            if let Some(since) = s.waited_since {
+                if s.pair.bytes_up + s.pair.bytes_down == 0 {
+                    l.stats.held_wait.observe(since.elapsed().as_secs_f64());
+                }
             }
         }
         let v = s.connected(at_once);
@@ -384,6 +410,9 @@ impl Proxy {
         if let Some(l) = l {
             if s.is_streaming() {
                 l.stats.closed.add(close.reason);
+                if let Some(m) = s.target.as_ref().and_then(|t| l.backends.member_stats(t)) {
+                    m.closed.add(close.reason);
+                }
             } else {
                 l.stats.refused.add(close.reason);
             }
@@ -418,11 +447,18 @@ fn describe_target(t: &Option<Target>) -> String {
         .map_or_else(|| "-".to_string(), |t| t.to_string())
 }
 
-fn open_backend(addr: SocketAddr, keepalive: Option<&config::Keepalive>) -> io::Result<TcpStream> {
+fn open_backend(
+    addr: SocketAddr,
+    keepalive: Option<&config::Keepalive>,
+    user_timeout: Option<Duration>,
+) -> io::Result<TcpStream> {
     let sock = TcpStream::connect(addr)?;
     sock.set_nodelay(true)?;
     if let Some(ka) = keepalive {
         sys::set_keepalive(&sock, ka)?;
+    }
+    if let Some(t) = user_timeout {
+        sys::set_user_timeout(&sock, t)?;
     }
     Ok(sock)
 }

@@ -9,12 +9,13 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
 
 use super::stats::{member_slot, MemberStats, PortStats};
 use crate::config::{ClusterConfig, PortConfig};
+use crate::policy::{LagTracker, PortPolicy};
 use crate::topology::{pick_least, PortFilter, Route};
 
 /// A member this port may route to.
@@ -30,10 +31,6 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn is(&self, r: &Route) -> bool {
-        *self.member == *r.member && self.addr == r.addr
-    }
-
     fn is_target(&self, t: &Target) -> bool {
         self.member == t.member && self.addr == t.addr
     }
@@ -69,13 +66,15 @@ impl Backends {
     /// Replaces the routable set, keeping counters of backends that stay.
     pub fn set(&mut self, routable: &[Route]) {
         let old = std::mem::take(&mut self.list);
+        let old: std::collections::HashMap<(&str, SocketAddr), &Backend> =
+            old.iter().map(|b| ((&*b.member, b.addr), b)).collect();
         let members = &mut self.members;
         self.list = routable
             .iter()
-            .map(|r| match old.iter().find(|b| b.is(r)) {
+            .map(|r| match old.get(&(r.member, r.addr)) {
                 Some(b) => Backend {
                     draining: r.draining,
-                    ..b.clone()
+                    ..(*b).clone()
                 },
                 None => Backend {
                     member: Rc::from(r.member),
@@ -132,6 +131,16 @@ pub struct Listener {
     pub wait: Duration,
     pub backends: Backends,
     pub stats: PortStats,
+    /// Lag grace and hysteresis, preference and fallback.
+    pub policy: PortPolicy,
+    /// The lag state of the cluster's members on this port.
+    pub lag: LagTracker,
+    /// Clients held at once beyond which new ones are refused.
+    pub max_waiting: Option<usize>,
+    /// New clients go to the fallback roles.
+    pub fallback_active: bool,
+    /// When the armed `Timer::LagGrace` of this port fires.
+    pub lag_timer: Option<Instant>,
     /// The kernel said there are connections to accept; cleared on WouldBlock.
     pub accept_ready: bool,
 }
@@ -151,6 +160,11 @@ impl Listener {
             wait: Duration::ZERO,
             backends: Backends::default(),
             stats: PortStats::default(),
+            policy: PortPolicy::default(),
+            lag: LagTracker::new(),
+            max_waiting: None,
+            fallback_active: false,
+            lag_timer: None,
             accept_ready: false,
         };
         l.configure(cluster, port);
@@ -167,6 +181,12 @@ impl Listener {
             max_lag_in_bytes: port.max_lag_in_bytes,
         };
         self.wait = port.backend_wait_timeout;
+        self.max_waiting = port.max_waiting;
+        if self.policy != port.policy {
+            // New rules: lag states start afresh at the next poll.
+            self.policy = port.policy.clone();
+            self.lag = LagTracker::new();
+        }
     }
 
     /// The port's name without the cluster (`rw` of `main:rw`).

@@ -29,10 +29,12 @@ mod admin;
 mod buffer;
 mod clusters;
 mod control;
+mod health;
 mod lifecycle;
 mod listener;
 mod ports;
 mod relay;
+mod scrape;
 mod session;
 mod startup;
 mod stats;
@@ -58,6 +60,7 @@ use crate::signals::Signals;
 use admin::Admin;
 use buffer::Pool;
 use clusters::Clusters;
+use health::Health;
 use listener::Listener;
 use ports::{bind, Accept};
 use session::Session;
@@ -80,10 +83,13 @@ pub struct Proxy {
     verbosity: u8,
     signals: Signals,
     admin: Admin,
+    /// `health.listen` and `health.agent_listen`.
+    health: Health,
     listeners: Slab<Listener>,
     accept: Accept,
     sessions: Slab<Session>,
     clusters: Clusters,
+    reload: control::Reload,
     pool: Pool,
     timers: Timers,
     run_queue: Vec<usize>,
@@ -112,6 +118,7 @@ impl Proxy {
         let admin_listener = bind(config.listen_address, config.listen_backlog)?;
         let admin = Admin::new(admin_listener, config.listen_address, poll.registry())
             .map_err(|e| Error::io("registering the admin listener", e))?;
+        let health = Health::new(&config.health, config.listen_backlog, poll.registry())?;
 
         let mut pool = Pool::new(config.buffer_size, POOL_KEEP);
         pool.set_splice(config.splice);
@@ -123,9 +130,11 @@ impl Proxy {
             verbosity,
             signals,
             admin,
+            health,
             listeners: Slab::new(),
             accept: Accept::new(),
             sessions: Slab::new(),
+            reload: control::Reload::new(Arc::clone(&waker)),
             clusters: Clusters::new(waker),
             timers: Timers::default(),
             run_queue: Vec::new(),
@@ -184,6 +193,18 @@ impl Proxy {
                         }
                     }
                     Some(token::Target::AdminListener) => self.admin.front.accept_ready = true,
+                    Some(token::Target::Health(key)) => self.health_event(key, Some(ev)),
+                    Some(token::Target::Agent(key)) => self.agent_event(key, Some(ev)),
+                    Some(token::Target::HealthListener) => {
+                        if let Some(f) = self.health.front.as_mut() {
+                            f.accept_ready = true;
+                        }
+                    }
+                    Some(token::Target::AgentListener) => {
+                        if let Some(a) = self.health.agent.as_mut() {
+                            a.accept_ready = true;
+                        }
+                    }
                     Some(token::Target::Waker) => woken = true,
                     Some(token::Target::Signals) => signalled = true,
                     // Sporadic events happen (mio docs); nothing to do.
@@ -193,6 +214,7 @@ impl Proxy {
             self.run_queued();
             if woken {
                 self.drain_updates();
+                self.finish_reload();
             }
             if signalled {
                 self.handle_signals();
@@ -219,6 +241,7 @@ impl Proxy {
             }
             self.accept_clients();
             self.accept_admin();
+            self.accept_health();
         }
     }
 
@@ -236,6 +259,7 @@ impl Proxy {
             self.budget_pipes();
         }
         self.admin.front.reap(self.poll.registry());
+        self.reap_health();
         self.accept
             .check_capacity(self.sessions.len(), self.config.max_connections);
     }
@@ -248,12 +272,17 @@ impl Proxy {
             match t {
                 Timer::Session(key, id) => self.session_deadline(key, id, now),
                 Timer::Admin(key, id) => self.admin_deadline(key, id, now),
+                Timer::Health(key, id) => self.health_deadline(key, id, now),
+                Timer::Agent(key, id) => self.agent_deadline(key, id, now),
                 Timer::AcceptResume => self.accept.paused = false,
+                Timer::AdminAcceptResume => self.admin.front.paused_until = None,
+                Timer::HealthAcceptResume => {} // accept_health runs every turn
                 Timer::Housekeeping => {
                     self.housekeeping(now);
                     self.timers.add(now + HOUSEKEEPING, Timer::Housekeeping);
                 }
                 Timer::Drain => {} // checked after reaping
+                Timer::LagGrace(lk) => self.lag_deadline(lk, now),
             }
         }
     }
@@ -261,11 +290,14 @@ impl Proxy {
     /// Drops timer entries whose owner is gone or has moved its deadline,
     /// once they outnumber the live sessions (see `timer`'s module docs).
     fn compact_timers(&mut self) {
-        let live = self.sessions.len() + self.admin.front.conns.len();
+        let live = self.sessions.len() + self.admin.front.conns.len() + self.health.conns();
         if self.timers.len() <= 2 * live + 64 {
             return;
         }
-        let (sessions, admins) = (&self.sessions, &self.admin.front.conns);
+        let (sessions, admins, listeners) =
+            (&self.sessions, &self.admin.front.conns, &self.listeners);
+        let checks = self.health.front.as_ref().map(|f| &f.conns);
+        let agents = self.health.agent.as_ref().map(|a| &a.conns);
         self.timers.retain(|at, t| match t {
             Timer::Session(key, id) => sessions
                 .get(key)
@@ -273,7 +305,18 @@ impl Proxy {
             Timer::Admin(key, id) => admins
                 .get(key)
                 .is_some_and(|a| a.id == id && a.deadline == at),
-            Timer::AcceptResume | Timer::Housekeeping | Timer::Drain => true,
+            Timer::Health(key, id) => checks
+                .and_then(|c| c.get(key))
+                .is_some_and(|c| c.id == id && c.deadline == at),
+            Timer::Agent(key, id) => agents
+                .and_then(|c| c.get(key))
+                .is_some_and(|c| c.id == id && c.deadline == at),
+            Timer::LagGrace(lk) => listeners.get(lk).is_some_and(|l| l.lag_timer == Some(at)),
+            Timer::AcceptResume
+            | Timer::AdminAcceptResume
+            | Timer::HealthAcceptResume
+            | Timer::Housekeeping
+            | Timer::Drain => true,
         });
     }
 }

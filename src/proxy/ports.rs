@@ -2,6 +2,7 @@
 //! the session cap), and refresh a port's backends after a topology change
 //! (which sessions lost their member, which waiting clients can go now).
 
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -18,7 +19,8 @@ use super::token::{self, Side};
 use super::{admin, buffer, sys, Proxy};
 use crate::config::{ClusterConfig, Keepalive, PortConfig};
 use crate::error::{Error, Result};
-use crate::topology::{self, Topology};
+use crate::policy::{self, Hold, LagEvent};
+use crate::topology::{self, Route, Topology};
 
 /// Connections accepted per listener per loop turn.
 const ACCEPT_BATCH: usize = 256;
@@ -162,6 +164,71 @@ impl Proxy {
             l.stats.accepted += 1;
         }
         self.route(key);
+    }
+
+    /// After a successful poll of `cluster`: feeds it to the lag rules of
+    /// the cluster's ports, and refreshes every port when the topology
+    /// `changed` and the others whose lag verdicts changed.
+    pub(super) fn observe_poll(&mut self, cluster: &str, changed: bool) {
+        let now = Instant::now();
+        let interval = self.config.cluster_update_interval;
+        for lk in 0..self.listeners.capacity() {
+            let Some(l) = self.listeners.get_mut(lk).filter(|l| l.cluster == cluster) else {
+                continue;
+            };
+            let mut events = Vec::new();
+            if let (Some(rules), Some(topo)) = (l.policy.lag, self.clusters.topology(cluster)) {
+                l.lag.set_interval(interval);
+                events = policy::observe_poll(&mut l.lag, &rules, now, topo, &l.filter, &l.policy);
+            }
+            self.lag_events(lk, &events);
+            if changed || !events.is_empty() {
+                self.refresh_listener(lk);
+            }
+        }
+    }
+
+    /// A lag grace may have run out on port `lk`.
+    pub(super) fn lag_deadline(&mut self, lk: usize, now: Instant) {
+        let Some(l) = self.listeners.get_mut(lk) else {
+            return;
+        };
+        let Some(rules) = l.policy.lag else { return };
+        if l.lag_timer.is_some_and(|at| at <= now) {
+            l.lag_timer = None;
+        }
+        let events = l.lag.tick(&rules, now);
+        self.lag_events(lk, &events);
+        if !events.is_empty() {
+            self.refresh_listener(lk);
+        }
+    }
+
+    /// Logs and counts lag evictions, closes and returns of port `lk`, and
+    /// arms the timer of the next grace that can run out.
+    fn lag_events(&mut self, lk: usize, events: &[LagEvent]) {
+        let Some(l) = self.listeners.get_mut(lk) else {
+            return;
+        };
+        for e in events {
+            info!("port={} {e}", l.label);
+            match e {
+                LagEvent::Evicted { close, .. } => {
+                    l.stats.lag_evictions += 1;
+                    l.stats.lag_closes += u64::from(close.is_some());
+                }
+                LagEvent::Closed { .. } => l.stats.lag_closes += 1,
+                LagEvent::Returned { .. } => l.stats.lag_returns += 1,
+            }
+        }
+        // One timer entry per deadline, not one per poll.
+        let next = l.policy.lag.and_then(|r| l.lag.next_deadline(&r));
+        if next != l.lag_timer {
+            l.lag_timer = next;
+            if let Some(at) = next {
+                self.timers.add(at, Timer::LagGrace(lk));
+            }
+        }
     }
 
     pub(super) fn refresh_listeners(&mut self, cluster: &str) {
@@ -365,24 +432,40 @@ struct Eviction {
     why: String,
 }
 
-/// Sets `l`'s backends to what `topo` makes routable, logging the members
-/// that became routable or changed their draining; returns the members that
-/// are no longer routable, with why.
+/// Sets `l`'s backends to what `topo` and the port's policy make routable
+/// (`policy::plan`: members held by lag, draining, preference or an idle
+/// fallback stay, taking no new clients), logging the members that became
+/// routable or changed whether they take new clients; returns the members
+/// that are no longer routable, with why. Linear in members and backends:
+/// every lookup goes through a map.
 fn refresh_backends(l: &mut Listener, topo: Option<&Topology>) -> Vec<Eviction> {
-    let routable = topo
-        .map(|t| topology::routable(t, &l.filter))
-        .unwrap_or_default();
+    let empty = Topology::default();
+    let plan = policy::plan(topo.unwrap_or(&empty), &l.filter, &l.policy, &l.lag);
+    let routable: Vec<Route> = plan
+        .routes
+        .iter()
+        .map(|r| Route {
+            member: r.member,
+            addr: r.addr,
+            draining: r.hold.is_some(),
+        })
+        .collect();
+    let routable_set: HashSet<(&str, SocketAddr)> =
+        routable.iter().map(|r| (r.member, r.addr)).collect();
+    let excluded: HashMap<&str, &policy::Reason> =
+        plan.excluded.iter().map(|(m, r)| (*m, r)).collect();
+    let routed: HashMap<&str, SocketAddr> =
+        plan.routes.iter().map(|r| (r.member, r.addr)).collect();
     let mut evicted = Vec::new();
     for b in &l.backends.list {
-        if routable.iter().any(|r| b.is(r)) {
+        if routable_set.contains(&(&*b.member, b.addr)) {
             continue;
         }
-        let (reason, why) = match topo.and_then(|t| t.member(&b.member).map(|m| (t, m))) {
-            None => (CloseReason::Removed, "removed from the cluster".to_string()),
-            Some((t, m)) => match topology::eligibility(t, m, &l.filter) {
-                Err(x) => (eviction_reason(&x), x.to_string()),
-                Ok(addr) => (CloseReason::Removed, format!("address changed to {addr}")),
-            },
+        // The plan names every member of the topology, routed or excluded.
+        let (reason, why) = match (excluded.get(&*b.member), routed.get(&*b.member)) {
+            (Some(r), _) => (close_reason(r), r.to_string()),
+            (None, Some(addr)) => (CloseReason::Removed, format!("address changed to {addr}")),
+            (None, None) => (CloseReason::Removed, "removed from the cluster".to_string()),
         };
         let target = Target {
             member: b.member.clone(),
@@ -395,37 +478,70 @@ fn refresh_backends(l: &mut Listener, topo: Option<&Topology>) -> Vec<Eviction> 
             why,
         });
     }
-    for r in &routable {
-        match l.backends.list.iter().find(|b| b.is(r)) {
+    let current: HashMap<(&str, SocketAddr), &super::listener::Backend> = l
+        .backends
+        .list
+        .iter()
+        .map(|b| ((&*b.member, b.addr), b))
+        .collect();
+    let held = |h: Option<Hold>| match h {
+        None => String::new(),
+        Some(h) => format!(" but takes no new clients ({h})"),
+    };
+    for r in &plan.routes {
+        match current.get(&(r.member, r.addr)) {
             None => info!(
                 "port={} member={} addr={} routable{}",
                 l.label,
                 r.member,
                 r.addr,
-                if r.draining { " but draining" } else { "" }
+                held(r.hold)
             ),
-            Some(b) if b.draining != r.draining => info!(
-                "port={} member={} {}",
-                l.label,
-                r.member,
-                if r.draining {
-                    "draining: a leader without timeline (Patroni is demoting or restarting it); new clients wait"
-                } else {
-                    "no longer draining; taking new clients"
-                }
-            ),
+            Some(b) if b.draining != r.hold.is_some() => match r.hold {
+                Some(h) => info!(
+                    "port={} member={} {h}; takes no new clients",
+                    l.label, r.member
+                ),
+                None => info!("port={} member={} taking new clients", l.label, r.member),
+            },
             Some(_) => {}
+        }
+    }
+    if plan.fallback_active != l.fallback_active {
+        l.fallback_active = plan.fallback_active;
+        if plan.fallback_active {
+            l.stats.fallbacks += 1;
+            info!(
+                "port={} no member of its roles takes new clients; using fallback",
+                l.label
+            );
+        } else {
+            info!(
+                "port={} its roles take new clients again; fallback idle",
+                l.label
+            );
         }
     }
     l.backends.set(&routable);
     evicted
 }
 
+/// The close reason of a session whose member the plan excluded.
+fn close_reason(r: &policy::Reason) -> CloseReason {
+    match r {
+        policy::Reason::Rule(x) => eviction_reason(x),
+        policy::Reason::Lag => CloseReason::Lag,
+        policy::Reason::FallbackReturn => CloseReason::FallbackReturn,
+    }
+}
+
 /// The close reason of a session whose member stopped being routable.
 fn eviction_reason(x: &topology::Exclusion) -> CloseReason {
     match x {
         topology::Exclusion::LagUnknown | topology::Exclusion::LagOver { .. } => CloseReason::Lag,
-        topology::Exclusion::NoAddress => CloseReason::Removed,
+        topology::Exclusion::NoAddress | topology::Exclusion::Unroutable(..) => {
+            CloseReason::Removed
+        }
         topology::Exclusion::Role(_)
         | topology::Exclusion::SplitBrain
         | topology::Exclusion::State(_)

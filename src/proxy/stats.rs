@@ -16,6 +16,8 @@
 
 use std::rc::Rc;
 
+use crate::metrics::{Histogram, WAIT_BUCKETS};
+
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -36,6 +38,11 @@ pub enum CloseReason {
     Lag,
     /// Its member left the cluster or changed its address.
     Removed,
+    /// A fallback member's session, once the port's own roles were back
+    /// (`fallback_return: close`).
+    FallbackReturn,
+    /// Refused at once: `max_waiting` clients were already held.
+    TooManyWaiting,
     /// Its port was removed or moved to another cluster by a reload.
     PortClosed,
     /// SIGTERM before it reached a backend.
@@ -51,7 +58,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::Client,
         CloseReason::Server,
         CloseReason::ClientError,
@@ -60,6 +67,8 @@ impl CloseReason {
         CloseReason::RoleLost,
         CloseReason::Lag,
         CloseReason::Removed,
+        CloseReason::FallbackReturn,
+        CloseReason::TooManyWaiting,
         CloseReason::PortClosed,
         CloseReason::Shutdown,
         CloseReason::Stale,
@@ -79,6 +88,8 @@ impl CloseReason {
             CloseReason::RoleLost => "role_lost",
             CloseReason::Lag => "lag",
             CloseReason::Removed => "removed",
+            CloseReason::FallbackReturn => "fallback_return",
+            CloseReason::TooManyWaiting => "too_many_waiting",
             CloseReason::PortClosed => "port_closed",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Stale => "stale",
@@ -109,7 +120,7 @@ impl ByReason {
 }
 
 /// The sessions of one port.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PortStats {
     pub accepted: u64,
     /// Ended before they were relaying (never connected, or held for a
@@ -117,6 +128,33 @@ pub struct PortStats {
     pub refused: ByReason,
     /// Ended while relaying, by reason.
     pub closed: ByReason,
+    /// Members evicted for lag (no new clients).
+    pub lag_evictions: u64,
+    /// Times a member's sessions were closed for lag: with the eviction
+    /// (`lag_grace` 0, or over `max_lag_in_bytes_close`) or after it.
+    pub lag_closes: u64,
+    /// Members back from a lag eviction.
+    pub lag_returns: u64,
+    /// Times new clients started going to the fallback roles.
+    pub fallbacks: u64,
+    /// How long clients that had to wait waited before they reached a
+    /// backend (seconds).
+    pub held_wait: Histogram,
+}
+
+impl Default for PortStats {
+    fn default() -> PortStats {
+        PortStats {
+            accepted: 0,
+            refused: ByReason::default(),
+            closed: ByReason::default(),
+            lag_evictions: 0,
+            lag_closes: 0,
+            lag_returns: 0,
+            fallbacks: 0,
+            held_wait: Histogram::new(WAIT_BUCKETS),
+        }
+    }
 }
 
 /// One member as seen through one port.
@@ -131,6 +169,8 @@ pub struct MemberStats {
     pub connects: u64,
     /// Connects that failed or timed out.
     pub connect_failures: u64,
+    /// Sessions on this member that ended while relaying, by reason.
+    pub closed: ByReason,
 }
 
 impl MemberStats {
@@ -141,6 +181,7 @@ impl MemberStats {
             bytes_down: 0,
             connects: 0,
             connect_failures: 0,
+            closed: ByReason::default(),
         }
     }
 }
@@ -157,15 +198,84 @@ pub fn member_slot(members: &mut Vec<MemberStats>, member: &str) -> usize {
     }
 }
 
+/// Why a poll failed (the last host's failure decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollError {
+    /// No connection, or it broke.
+    Connect,
+    Timeout,
+    /// An HTTP status other than 200.
+    Status,
+    /// A body that is not a `/cluster` document.
+    Body,
+}
+
+impl PollError {
+    pub const ALL: [PollError; 4] = [
+        PollError::Connect,
+        PollError::Timeout,
+        PollError::Status,
+        PollError::Body,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PollError::Connect => "connect",
+            PollError::Timeout => "timeout",
+            PollError::Status => "http_status",
+            PollError::Body => "body",
+        }
+    }
+
+    /// From the updater's message (the last `host: error` part decides).
+    pub fn classify(msg: &str) -> PollError {
+        let last = msg.rsplit("; ").next().unwrap_or(msg);
+        if last.contains("HTTP status") {
+            PollError::Status
+        } else if last.contains("not JSON")
+            || last.contains("members")
+            || last.contains("not a JSON")
+            || last.contains("reading body")
+        {
+            PollError::Body
+        } else if last.contains("imeout") || last.contains("timed out") {
+            PollError::Timeout
+        } else {
+            PollError::Connect
+        }
+    }
+}
+
+/// Poll durations, from 1 ms to the longest sensible `api_timeout`.
+pub const POLL_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// One cluster's updater.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterStats {
     /// Polls answered (successful or not).
     pub polls: u64,
     /// Polls in which no host gave a usable answer.
     pub poll_errors: u64,
+    /// The same, by [`PollError`].
+    pub poll_errors_by: [u64; PollError::ALL.len()],
+    /// How long polls took (seconds), every host tried included.
+    pub poll_duration: Histogram,
     /// Times the leader became a member other than the last one known.
     pub leader_changes: u64,
+}
+
+impl Default for ClusterStats {
+    fn default() -> ClusterStats {
+        ClusterStats {
+            polls: 0,
+            poll_errors: 0,
+            poll_errors_by: [0; PollError::ALL.len()],
+            poll_duration: Histogram::new(POLL_BUCKETS),
+            leader_changes: 0,
+        }
+    }
 }
 
 /// Process-wide events.
@@ -176,6 +286,29 @@ pub struct ProxyStats {
     pub accept_pauses: u64,
     /// Start-ups replayed to another backend after a refusal or eviction.
     pub startup_retries: u64,
+    /// TLS handshakes that failed, by listener (`admin`, `health`).
+    pub tls_handshake_failures: [u64; 2],
+    /// Health checks answered, by listener and status class.
+    pub health_checks: HealthChecks,
+}
+
+/// Health checks answered: `[http, agent]` x `[2xx, 4xx, 5xx]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthChecks(pub [[u64; 3]; 2]);
+
+impl HealthChecks {
+    pub const LISTENERS: [&'static str; 2] = ["http", "agent"];
+    pub const CLASSES: [&'static str; 3] = ["2xx", "4xx", "5xx"];
+
+    /// Counts one answer with `status` on listener 0 (http) or 1 (agent).
+    pub fn add(&mut self, listener: usize, status: u16) {
+        let class = match status {
+            200..=399 => 0,
+            400..=499 => 1,
+            _ => 2,
+        };
+        self.0[listener.min(1)][class] += 1;
+    }
 }
 
 #[cfg(test)]
@@ -197,6 +330,22 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), CloseReason::ALL.len());
+    }
+
+    #[test]
+    fn poll_errors_are_classified_by_the_last_host() {
+        for (msg, want) in [
+            ("http://a/cluster: HTTP status 503", PollError::Status),
+            (
+                "a: timeout: global; b: Connection refused",
+                PollError::Connect,
+            ),
+            ("a: HTTP status 500; b: io: timed out", PollError::Timeout),
+            ("a: not JSON: expected value", PollError::Body),
+            ("no hosts configured", PollError::Connect),
+        ] {
+            assert_eq!(PollError::classify(msg), want, "{msg}");
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! document now, and [`Proxy::stats`] for other renderers (`/metrics`).
 //! Nothing here changes the loop's state.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -9,7 +10,7 @@ use serde_json::{json, Value};
 use super::listener::Listener;
 use super::stats::{ClusterStats, MemberStats, PortStats, ProxyStats};
 use super::Proxy;
-use crate::topology;
+use crate::policy;
 
 /// A read-only view of the counters, with the gauges counted from the
 /// session table.
@@ -65,6 +66,12 @@ impl<'a> StatsView<'a> {
     }
 }
 
+/// Most member x port cells `GET /clusters` renders per cluster; beyond,
+/// members are listed without their per-port table, and ports with backend
+/// counts instead of lists and without per-member stats, so one response
+/// stays within a few MB and milliseconds of the loop.
+pub const MAX_STATUS_CELLS: usize = 20_000;
+
 impl Proxy {
     /// The counters, read-only.
     pub(super) fn stats(&self) -> StatsView<'_> {
@@ -85,12 +92,11 @@ impl Proxy {
     pub(super) fn status_json(&self) -> Vec<u8> {
         let now = Instant::now();
         let view = self.stats();
-        let mut port_stats: std::collections::HashMap<(&str, &str), Value> = view
+        let mut port_stats: HashMap<(&str, &str), Value> = view
             .ports()
             .map(|p| ((p.cluster, p.port), render_port_stats(&p)))
             .collect();
-        let cluster_stats: std::collections::HashMap<&str, &ClusterStats> =
-            view.clusters().collect();
+        let cluster_stats: HashMap<&str, &ClusterStats> = view.clusters().collect();
         let mut clusters = serde_json::Map::new();
         for (name, c) in self.clusters.iter() {
             let listeners: Vec<(usize, &Listener)> = self
@@ -98,19 +104,57 @@ impl Proxy {
                 .iter()
                 .filter(|(_, l)| &l.cluster == name)
                 .collect();
+            // The same plan the port routes by, so this view and the routing
+            // agree on what "routable" means; each port plans every member
+            // once (linear), and the per-member table is left out where it
+            // would exceed MAX_STATUS_CELLS.
+            let count = c.topology.as_ref().map_or(0, |t| t.members.len());
+            let detailed = count.saturating_mul(listeners.len()) <= MAX_STATUS_CELLS;
+            type ByMember<'p> = HashMap<&'p str, Value>;
+            let plans: Vec<(&Listener, ByMember)> = match (&c.topology, detailed) {
+                (Some(t), true) => listeners
+                    .iter()
+                    .map(|(_, l)| {
+                        let plan = policy::plan(t, &l.filter, &l.policy, &l.lag);
+                        let mut by: ByMember = HashMap::with_capacity(count);
+                        for r in &plan.routes {
+                            by.insert(r.member, json!({
+                                "routable": true, "addr": r.addr.to_string(),
+                                "new_clients": r.hold.is_none(),
+                                "hold": r.hold.map(|h| h.to_string()),
+                            }));
+                        }
+                        for (m, why) in &plan.excluded {
+                            by.insert(m, json!({
+                                "routable": false, "reason": why.to_string(), "reason_label": why.label(),
+                            }));
+                        }
+                        (*l, by)
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
             let members: Vec<Value> = c
                 .topology
                 .iter()
-                .flat_map(|t| t.members.iter().map(move |m| (t, m)))
-                .map(|(t, m)| {
-                    let mut ports = serde_json::Map::new();
-                    for (_, l) in &listeners {
-                        let v = match topology::eligibility(t, m, &l.filter) {
-                            Ok(addr) => json!({"routable": true, "addr": addr.to_string()}),
-                            Err(x) => json!({"routable": false, "reason": x.to_string()}),
-                        };
-                        ports.insert(l.port_name().to_string(), v);
-                    }
+                .flat_map(|t| t.members.iter())
+                .map(|m| {
+                    let ports = if detailed {
+                        let mut ports = serde_json::Map::new();
+                        for (l, by) in &plans {
+                            let v = by
+                                .get(m.name.as_str())
+                                .cloned()
+                                .unwrap_or_else(|| json!({"routable": false}));
+                            ports.insert(l.port_name().to_string(), v);
+                        }
+                        Value::Object(ports)
+                    } else {
+                        json!(format!(
+                            "left out: {count} members x {} ports exceed {MAX_STATUS_CELLS}; see each port's backends",
+                            listeners.len()
+                        ))
+                    };
                     json!({
                         "name": m.name, "role": m.role.as_str(), "state": m.state,
                         "host": m.host, "port": m.port, "timeline": m.timeline,
@@ -122,14 +166,21 @@ impl Proxy {
             let mut ports = serde_json::Map::new();
             for (lk, l) in &listeners {
                 let (sessions, waiting) = view.gauges.get(*lk).copied().unwrap_or_default();
-                let backends: Vec<Value> = l
-                    .backends
-                    .list
-                    .iter()
-                    .map(|b| {
-                        json!({"member": &*b.member, "addr": b.addr.to_string(), "active": b.active, "draining": b.draining})
+                let backends: Value = if detailed {
+                    l.backends
+                        .list
+                        .iter()
+                        .map(|b| {
+                            json!({"member": &*b.member, "addr": b.addr.to_string(), "active": b.active, "draining": b.draining})
+                        })
+                        .collect()
+                } else {
+                    json!({
+                        "count": l.backends.list.len(),
+                        "active": l.backends.list.iter().map(|b| u64::from(b.active)).sum::<u64>(),
                     })
-                    .collect();
+                };
+                let stats = port_stats.remove(&(l.cluster.as_str(), l.port_name()));
                 ports.insert(
                     l.port_name().to_string(),
                     json!({
@@ -137,10 +188,11 @@ impl Proxy {
                         "roles": l.filter.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
                         "host_port": l.filter.host_port,
                         "max_lag_in_bytes": l.filter.max_lag_in_bytes,
+                        "fallback_active": l.fallback_active,
                         "backends": backends,
                         "sessions": sessions,
                         "waiting": waiting,
-                        "stats": port_stats.remove(&(l.cluster.as_str(), l.port_name())),
+                        "stats": if detailed { json!(stats) } else { json!("left out with the member table") },
                     }),
                 );
             }
@@ -211,6 +263,10 @@ fn render_port_stats(p: &PortView) -> Value {
         "accepted": p.stats.accepted,
         "refused": by_reason(&p.stats.refused),
         "closed": by_reason(&p.stats.closed),
+        "lag_evictions": p.stats.lag_evictions,
+        "lag_closes": p.stats.lag_closes,
+        "lag_returns": p.stats.lag_returns,
+        "fallbacks": p.stats.fallbacks,
         "sessions": p.sessions,
         "held": p.held,
         "members": members,

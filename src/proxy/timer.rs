@@ -20,12 +20,22 @@ pub enum Timer {
     Session(usize, u64),
     /// An admin connection's idle or refresh deadline (slab key, id).
     Admin(usize, u64),
+    /// A health-listener connection's idle deadline (slab key, id).
+    Health(usize, u64),
+    /// An agent-check connection's deadline (slab key, id).
+    Agent(usize, u64),
     /// Resume accepting after running out of file descriptors.
     AcceptResume,
+    /// The same for the admin listener.
+    AdminAcceptResume,
+    /// Wakes the loop to accept health checks again after a pause.
+    HealthAcceptResume,
     /// Once a second: staleness, dead updaters.
     Housekeeping,
     /// The SIGTERM drain deadline.
     Drain,
+    /// A port's lag grace may run out (listener slab key).
+    LagGrace(usize),
 }
 
 #[derive(Default)]

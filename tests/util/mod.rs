@@ -546,9 +546,20 @@ fn admin_address(config: &str) -> SocketAddr {
 
 /// A minimal HTTP/1.0 GET.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, "HTTP/1.1\r\nHost: x")
+}
+
+/// `method target version` (plus any header lines in `version`), then the
+/// status code and body of the answer.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    version: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    write!(s, "{method} {target} {version}\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let code = out
