@@ -7,17 +7,21 @@
 //! prefixed by its key path, so an operator fixes a file in one round.
 //!
 //! The `patroni_proxy.yaml` format of the older tool is a subset of this one
-//! and loads unchanged. No I/O here besides reading the file in [`load`].
+//! and loads unchanged, its `tls:` block included. [`parse`] does no I/O;
+//! [`load`] reads the file and then the TLS material it names (see
+//! [`crate::tls`]), so `-t`, start-up and SIGHUP check the same things.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::LevelFilter;
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::tls::{self, ClientMaterial, ClientTlsConfig};
 use crate::topology::PortRole;
 
 /// Default admin HTTP address, as in the older tool.
@@ -66,6 +70,21 @@ pub struct ClusterConfig {
     pub hosts: Vec<String>,
     /// Sorted by name.
     pub ports: Vec<PortConfig>,
+    /// The `tls:` block as written.
+    pub tls: Option<ClientTlsConfig>,
+    /// What the block names, read and checked by [`load`]; also set when
+    /// a host is https:// without a block (system roots). `None` after
+    /// [`parse`] alone.
+    pub tls_material: Option<Arc<ClientMaterial>>,
+}
+
+impl ClusterConfig {
+    fn uses_https(&self) -> bool {
+        self.hosts.iter().any(|h| {
+            h.get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -81,14 +100,31 @@ pub struct PortConfig {
 }
 
 impl Config {
-    /// The settings an updater thread of `cluster` depends on; when they
-    /// change on reload, that updater is restarted.
-    pub fn updater_settings(&self, cluster: &ClusterConfig) -> (Vec<String>, Duration, Duration) {
-        (
-            cluster.hosts.clone(),
-            self.cluster_update_interval,
-            self.api_timeout,
-        )
+    /// Things that work but that the operator should hear about, logged at
+    /// start-up and on every reload (and printed by `-t`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.clusters {
+            let Some(t) = &c.tls else { continue };
+            if t.skip_verify {
+                out.push(format!(
+                    "clusters.{}.tls.skip_verify: certificate verification is OFF; anyone on \
+                     the path to Patroni can impersonate it and steer clients",
+                    c.name
+                ));
+            }
+            if t.username.is_some()
+                && c.hosts
+                    .iter()
+                    .any(|h| !h.to_ascii_lowercase().starts_with("https://"))
+            {
+                out.push(format!(
+                    "clusters.{}.tls.username: the password is sent over plain http:// to some hosts",
+                    c.name
+                ));
+            }
+        }
+        out
     }
 
     /// Every listening address in the file, with the port's display name.
@@ -149,6 +185,22 @@ struct RawKeepalive {
 struct RawCluster {
     hosts: Vec<String>,
     ports: BTreeMap<String, RawPort>,
+    tls: Option<RawTls>,
+}
+
+/// The older tool's `tls:` block (`ca_cert`, `client_cert`, `client_key`,
+/// `skip_verify`) plus what real deployments need.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: Option<PathBuf>,
+    ca_dir: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    skip_verify: Option<bool>,
+    verify_hostname: Option<bool>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,7 +220,34 @@ pub fn load(path: &Path) -> Result<Config, Error> {
         file: file.clone(),
         problems: vec![format!("cannot read: {e}")],
     })?;
-    parse(&text).map_err(|problems| Error::Config { file, problems })
+    let mut config = parse(&text).map_err(|problems| Error::Config {
+        file: file.clone(),
+        problems,
+    })?;
+    load_tls(&mut config).map_err(|problems| Error::Config { file, problems })?;
+    Ok(config)
+}
+
+/// Reads and checks the TLS material of every cluster that has a `tls:`
+/// block or an https:// host.
+pub fn load_tls(config: &mut Config) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    for c in &mut config.clusters {
+        let https = c.uses_https();
+        if c.tls.is_none() && !https {
+            continue;
+        }
+        let block = c.tls.clone().unwrap_or_default();
+        match tls::load_client(&format!("clusters.{}.tls", c.name), &block, https) {
+            Ok(m) => c.tls_material = Some(Arc::new(m)),
+            Err(p) => problems.extend(p),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 /// Parses and validates YAML text; the error lists every problem found.
@@ -409,7 +488,46 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
             backend_wait_timeout,
         });
     }
-    ClusterConfig { name, hosts, ports }
+    let tls = rc.tls.map(|t| {
+        let tp = format!("{path}.tls");
+        if t.skip_verify == Some(true) && t.verify_hostname == Some(false) {
+            p.add(
+                &format!("{tp}.verify_hostname"),
+                "has no effect with skip_verify: true; remove one of them",
+            );
+        }
+        for (key, v) in [
+            ("ca_cert", &t.ca_cert),
+            ("ca_dir", &t.ca_dir),
+            ("client_cert", &t.client_cert),
+            ("client_key", &t.client_key),
+            ("password_file", &t.password_file),
+        ] {
+            if v.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+                p.add(
+                    &format!("{tp}.{key}"),
+                    "is empty; give a path or omit the key",
+                );
+            }
+        }
+        ClientTlsConfig {
+            ca_cert: t.ca_cert,
+            ca_dir: t.ca_dir,
+            client_cert: t.client_cert,
+            client_key: t.client_key,
+            skip_verify: t.skip_verify.unwrap_or(false),
+            verify_hostname: t.verify_hostname.unwrap_or(true),
+            username: t.username,
+            password_file: t.password_file,
+        }
+    });
+    ClusterConfig {
+        name,
+        hosts,
+        ports,
+        tls,
+        tls_material: None,
+    }
 }
 
 /// Accepts `http://host[:port][/path]` or `https://…`, returns it without a
@@ -420,11 +538,6 @@ fn check_api_url(url: &str) -> Result<String, String> {
     let rest = if let Some(r) = lower.strip_prefix("http://") {
         r
     } else if let Some(r) = lower.strip_prefix("https://") {
-        if !cfg!(feature = "tls") {
-            return Err(format!(
-                "{url:?} uses https, but this build has no TLS support (build with --features tls)"
-            ));
-        }
         r
     } else {
         return Err(format!("{url:?} is not an http:// or https:// URL"));
@@ -502,6 +615,28 @@ mod tests {
         let replicas = &cl.ports[1];
         assert_eq!(replicas.roles, [PortRole::Sync, PortRole::Async]);
         assert_eq!(replicas.max_lag_in_bytes, Some(16_777_216));
+    }
+
+    #[test]
+    fn old_format_tls_block_parses_unchanged() {
+        let c = parse(include_str!("../tests/fixtures/patroni_proxy_tls.yaml")).unwrap();
+        let t = c.clusters[0].tls.as_ref().unwrap();
+        assert_eq!(
+            t.ca_cert.as_deref(),
+            Some(Path::new("/etc/patroni-proxy/ca.pem"))
+        );
+        assert_eq!(
+            t.client_key.as_deref(),
+            Some(Path::new("/etc/patroni-proxy/client.key"))
+        );
+        assert!(!t.skip_verify);
+        assert!(t.verify_hostname, "verification is on by default");
+        assert!(c.clusters[0].tls_material.is_none(), "parse reads no file");
+        let e = errors("clusters:\n  a:\n    hosts: [\"https://x\"]\n    tls: {skip_verify: true, verify_hostname: false}\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [leader]}\n");
+        assert_eq!(
+            e,
+            ["clusters.a.tls.verify_hostname: has no effect with skip_verify: true; remove one of them"]
+        );
     }
 
     #[test]

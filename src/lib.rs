@@ -13,10 +13,12 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod https;
 pub mod notify;
 pub mod patroni;
 pub mod pgwire;
 pub mod proxy;
 pub mod signals;
+pub mod tls;
 pub mod topology;
 pub mod updater;

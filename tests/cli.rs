@@ -33,6 +33,19 @@ fn test_flag_accepts_the_old_patroni_proxy_format() {
 }
 
 #[test]
+fn test_flag_reads_the_files_of_the_old_tls_block() {
+    let o = with_config(include_str!("fixtures/patroni_proxy_tls.yaml"), &["-t"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    for key in [
+        "ca_cert: /etc/patroni-proxy/ca.pem",
+        "client_cert: /etc/patroni-proxy/client.pem",
+    ] {
+        let want = format!("clusters.my_cluster.tls.{key}: no such file");
+        assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+    }
+}
+
+#[test]
 fn config_errors_exit_2_naming_the_key() {
     let o = with_config(
         "clusters:\n  main:\n    hosts: [\"http://a:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:6432\", roles: [leeder]}\n",

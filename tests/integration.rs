@@ -13,6 +13,8 @@ mod control;
 mod failover;
 /// Role routing, balancing and eligibility rules, with real Patroni answers.
 mod routing;
+/// HTTPS to Patroni: CA, client certificates, verification modes, rotation.
+mod tls;
 /// Bytes on the wire: large transfers, half-close, concurrency, connect
 /// failures and timeouts, connection and file-descriptor limits.
 mod transport;

@@ -1013,11 +1013,7 @@ impl Proxy {
     // ---- clusters and listeners --------------------------------------------
 
     fn start_cluster(&mut self, cluster: &ClusterConfig) -> Result<()> {
-        let settings = updater::Settings {
-            hosts: cluster.hosts.clone(),
-            interval: self.config.cluster_update_interval,
-            api_timeout: self.config.api_timeout,
-        };
+        let settings = updater::Settings::new(&self.config, cluster);
         let id = self.next_updater_id;
         self.next_updater_id += 1;
         let handle = updater::Handle::spawn(
@@ -1232,6 +1228,9 @@ impl Proxy {
 
         // Commit.
         log::set_max_level(config::raise_level(new.log_level, self.verbosity));
+        for w in new.warnings() {
+            warn!("{w}");
+        }
         self.pool.resize(new.buffer_size);
         self.pool.set_splice(new.splice);
         if let Some(mut sock) = admin {
@@ -1254,12 +1253,7 @@ impl Proxy {
             }
         }
         for cluster in &new.clusters {
-            let (hosts, interval, api_timeout) = new.updater_settings(cluster);
-            let wanted = updater::Settings {
-                hosts,
-                interval,
-                api_timeout,
-            };
+            let wanted = updater::Settings::new(&new, cluster);
             let restart = self
                 .clusters
                 .get(&cluster.name)
@@ -1577,6 +1571,7 @@ impl Proxy {
                     "api_host": c.last_host,
                     "last_success_secs_ago": c.last_success.map(|t| now.duration_since(t).as_secs_f64()),
                     "last_error": c.last_error,
+                    "tls_failures": updater::tls_failures(name),
                     "scope": c.topology.as_ref().and_then(|t| t.scope.clone()),
                     "paused": c.topology.as_ref().is_some_and(|t| t.paused),
                     "leader": c.topology.as_ref().and_then(|t| t.leader()).map(|m| m.name.clone()),

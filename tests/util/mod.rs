@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod certs;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_patroni-proxy");
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes.
