@@ -587,7 +587,7 @@ pub fn describe(e: &rustls::Error, has_cert: bool) -> Failure {
                 "bad signature",
                 "the server's certificate has a bad signature".into(),
             ),
-            C::InvalidPurpose | C::InvalidPurposeContext { .. } => (
+            C::InvalidPurpose => (
                 "invalid purpose",
                 "the server's certificate is not for TLS server use".into(),
             ),

@@ -148,6 +148,26 @@ fn example_config_is_valid_and_every_key_and_route_is_documented() {
         );
     }
     assert!(keys >= 20, "{keys} keys found in the example");
+    // The tls: keys (commented out in the example: they name files), from
+    // the list serde gives for an unknown key.
+    let o = with_config(
+        "clusters:\n  a:\n    hosts: [\"https://x\"]\n    tls: {nope: 1}\n    ports: {}\n",
+        &["-t"],
+    );
+    let err = stderr(&o);
+    let listed = err.split_once("expected one of").expect("a list of keys").1;
+    let tls_keys: Vec<&str> = listed.split('`').skip(1).step_by(2).collect();
+    assert!(tls_keys.len() >= 8, "{err}");
+    for key in tls_keys {
+        assert!(
+            man5.contains(&format!(".B {key}\n")),
+            "tls key {key} is not documented in man/patroni-proxy.5"
+        );
+        assert!(
+            text.contains(&format!("#   {key}: ")),
+            "tls key {key} is not in the example"
+        );
+    }
     let man1 = std::fs::read_to_string(format!("{root}/man/patroni-proxy.1")).unwrap();
     for (path, _) in patroni_proxy::admin::Route::ALL {
         assert!(

@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -50,13 +51,24 @@ fn setup(hosts: &[String], tls: &str) -> (Backend, String, String, u16) {
     (n1, body, cfg, rw)
 }
 
-fn tls_block(p: &Pki, extra: &str) -> String {
+/// The `tls:` block trusting `ca`, with `p`'s client certificate.
+fn block_trusting(ca: &Path, p: &Pki, extra: &str) -> String {
     format!(
         "ca_cert: {}\nclient_cert: {}\nclient_key: {}\n{extra}",
-        p.ca.cert.display(),
+        ca.display(),
         p.client.cert.display(),
         p.client.key.display()
     )
+}
+
+fn tls_block(p: &Pki, extra: &str) -> String {
+    block_trusting(&p.ca.cert, p, extra)
+}
+
+/// A Patroni API with `server`'s certificate that requires a client
+/// certificate from `p`'s CA; [`setup`]'s body goes in with `set`.
+fn api(p: &Pki, server: &Issued) -> TlsPatroni {
+    TlsPatroni::start(&p.dir.0, server, Some(&p.ca.cert), "{}")
 }
 
 fn check(cfg: &str) -> (i32, String) {
@@ -74,8 +86,7 @@ fn check(cfg: &str) -> (i32, String) {
 fn client_certificates_in_every_key_format_reach_a_verify_client_required_api() {
     for format in [KeyFormat::Pkcs1, KeyFormat::Pkcs8, KeyFormat::Sec1] {
         let p = pki(format);
-        let (_n1, body, _, _) = setup(&[], "");
-        let api = TlsPatroni::start(&p.dir.0, &p.server, Some(&p.ca.cert), &body);
+        let api = api(&p, &p.server);
         let (n1, body, cfg, rw) = setup(&[api.url()], &tls_block(&p, "skip_verify: false"));
         api.set(&body);
         let (code, err) = check(&cfg);
@@ -163,8 +174,7 @@ fn ca_dir_loads_pem_files_once_despite_rehash_links() {
     rehash_link(&cadir, &cadir.join("ca.pem"));
     rehash_link(&cadir, &other.cert);
     std::fs::write(cadir.join("README"), "not a certificate\n").unwrap();
-    let (_n1, body, _, _) = setup(&[], "");
-    let api = TlsPatroni::start(&p.dir.0, &p.server, Some(&p.ca.cert), &body);
+    let api = api(&p, &p.server);
     let tls = format!(
         "ca_dir: {}\nclient_cert: {}\nclient_key: {}",
         cadir.display(),
@@ -191,14 +201,8 @@ fn ca_dir_loads_pem_files_once_despite_rehash_links() {
 fn wrong_ca_is_refused_logged_once_and_counted() {
     let p = pki(KeyFormat::Pkcs8);
     let stranger = Ca::new(&p.dir.0, "stranger");
-    let (_n1, body, _, _) = setup(&[], "");
-    let api = TlsPatroni::start(&p.dir.0, &p.server, Some(&p.ca.cert), &body);
-    let tls = format!(
-        "ca_cert: {}\nclient_cert: {}\nclient_key: {}",
-        stranger.cert.display(),
-        p.client.cert.display(),
-        p.client.key.display()
-    );
+    let api = api(&p, &p.server);
+    let tls = block_trusting(&stranger.cert, &p, "");
     let (_n1, body, cfg, _) = setup(&[api.url()], &tls);
     api.set(&body);
     let proxy = Proxy::start(&cfg);
@@ -218,8 +222,7 @@ fn wrong_ca_is_refused_logged_once_and_counted() {
 #[test]
 fn a_missing_client_certificate_is_refused_and_logged() {
     let p = pki(KeyFormat::Pkcs8);
-    let (_n1, body, _, _) = setup(&[], "");
-    let api = TlsPatroni::start(&p.dir.0, &p.server, Some(&p.ca.cert), &body);
+    let api = api(&p, &p.server);
     let (_n1, body, cfg, _) = setup(&[api.url()], &format!("ca_cert: {}", p.ca.cert.display()));
     api.set(&body);
     let proxy = Proxy::start(&cfg);
@@ -235,14 +238,8 @@ fn a_missing_client_certificate_is_refused_and_logged() {
 fn skip_verify_works_and_warns_at_start_and_on_reload() {
     let p = pki(KeyFormat::Pkcs8);
     let stranger = Ca::new(&p.dir.0, "stranger");
-    let (_n1, body, _, _) = setup(&[], "");
-    let api = TlsPatroni::start(&p.dir.0, &p.server, Some(&p.ca.cert), &body);
-    let tls = format!(
-        "ca_cert: {}\nclient_cert: {}\nclient_key: {}\nskip_verify: true",
-        stranger.cert.display(),
-        p.client.cert.display(),
-        p.client.key.display()
-    );
+    let api = api(&p, &p.server);
+    let tls = block_trusting(&stranger.cert, &p, "skip_verify: true");
     let (_n1, body, cfg, rw) = setup(&[api.url()], &tls);
     api.set(&body);
     let proxy = Proxy::start(&cfg);
@@ -263,8 +260,7 @@ fn verify_hostname_false_still_checks_the_ca() {
     let p = pki(KeyFormat::Pkcs8);
     // A member certificate without any IP in its SAN.
     let bare = p.ca.issue("bare", "DNS:patroni1.example", KeyFormat::Pkcs8);
-    let (_n1, body, _, _) = setup(&[], "");
-    let api = TlsPatroni::start(&p.dir.0, &bare, Some(&p.ca.cert), &body);
+    let api = api(&p, &bare);
 
     let (_n1, body, cfg, _) = setup(&[api.url()], &tls_block(&p, ""));
     api.set(&body);
@@ -285,12 +281,7 @@ fn verify_hostname_false_still_checks_the_ca() {
 
     // Another CA's certificate is still refused.
     let stranger = Ca::new(&p.dir.0, "stranger");
-    let tls = format!(
-        "ca_cert: {}\nclient_cert: {}\nclient_key: {}\nverify_hostname: false",
-        stranger.cert.display(),
-        p.client.cert.display(),
-        p.client.key.display()
-    );
+    let tls = block_trusting(&stranger.cert, &p, "verify_hostname: false");
     let (_n3, body, cfg, _) = setup(&[api.url()], &tls);
     api.set(&body);
     let proxy = Proxy::start(&cfg);
@@ -307,15 +298,9 @@ fn sighup_rotates_certificates_and_a_broken_file_keeps_the_old_ones() {
     let p = pki(KeyFormat::Pkcs8);
     let ca_file = p.dir.0.join("trusted.pem");
     std::fs::copy(&p.ca.cert, &ca_file).unwrap();
-    let (_n1, body, _, _) = setup(&[], "");
     let port = free_port();
-    let api = TlsPatroni::start_on(port, &p.dir.0, &p.server, Some(&p.ca.cert), &body);
-    let tls = format!(
-        "ca_cert: {}\nclient_cert: {}\nclient_key: {}",
-        ca_file.display(),
-        p.client.cert.display(),
-        p.client.key.display()
-    );
+    let api = TlsPatroni::start_on(port, &p.dir.0, &p.server, Some(&p.ca.cert), "{}");
+    let tls = block_trusting(&ca_file, &p, "");
     let (_n1, body, cfg, rw) = setup(&[api.url()], &tls);
     api.set(&body);
     let proxy = Proxy::start(&cfg);

@@ -79,6 +79,16 @@ impl Ca {
         }
     }
 
+    /// A CA whose files exist already; new certificates go to `dir`.
+    pub fn existing(dir: &Path, cert: &Path, key: &Path) -> Ca {
+        Ca {
+            dir: dir.to_path_buf(),
+            name: "existing".to_string(),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        }
+    }
+
     /// A certificate for `cn` with `san` (e.g. `"IP:127.0.0.1,DNS:localhost"`,
     /// or `""` for none), usable by servers and clients.
     pub fn issue(&self, cn: &str, san: &str, format: KeyFormat) -> Issued {
@@ -145,6 +155,11 @@ impl Ca {
                 self.cert.to_str().unwrap(),
                 "-CAkey",
                 self.key.to_str().unwrap(),
+                "-CAserial",
+                self.dir
+                    .join(format!("{}.srl", self.name))
+                    .to_str()
+                    .unwrap(),
                 "-CAcreateserial",
                 "-days",
                 "3",
