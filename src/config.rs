@@ -20,8 +20,10 @@ use std::time::Duration;
 use log::LevelFilter;
 use serde::Deserialize;
 
+use crate::access::{Allow, Network};
 use crate::error::Error;
 use crate::tls::{self, ClientMaterial, ClientTlsConfig};
+use crate::tls_server::{self, ServerTlsConfig, ServerTlsHandle};
 use crate::topology::PortRole;
 
 /// Default admin HTTP address, as in the older tool.
@@ -36,7 +38,13 @@ const MAX_SECONDS: f64 = 86_400.0;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub cluster_update_interval: Duration,
+    /// The admin interface's address (`listen_address` or `admin.listen`).
     pub listen_address: SocketAddr,
+    /// `admin.tls` as written; `admin_tls_config` is what [`load`] built.
+    pub admin_tls: Option<ServerTlsConfig>,
+    pub admin_tls_config: Option<ServerTlsHandle>,
+    /// `admin.allow`: networks per route class.
+    pub admin_allow: Allow,
     pub log_level: LevelFilter,
     pub connect_timeout: Duration,
     pub api_timeout: Duration,
@@ -157,6 +165,7 @@ pub fn raise_level(level: LevelFilter, by: u8) -> LevelFilter {
 struct RawConfig {
     cluster_update_interval: Option<f64>,
     listen_address: Option<String>,
+    admin: Option<RawAdmin>,
     log_level: Option<String>,
     connect_timeout: Option<f64>,
     api_timeout: Option<f64>,
@@ -169,6 +178,34 @@ struct RawConfig {
     splice: Option<bool>,
     startup_replay: Option<bool>,
     clusters: BTreeMap<String, RawCluster>,
+}
+
+/// The admin listener: where, HTTPS, who may call what.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    tls: Option<RawServerTls>,
+    allow: Option<RawAllow>,
+}
+
+/// A listener's `tls:` block (the knobs patroniglue offers).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerTls {
+    cert: PathBuf,
+    key: Option<PathBuf>,
+    /// `"1.2"` or `"1.3"`; unquoted YAML makes it a number.
+    min_version: Option<serde_yaml::Value>,
+    ciphers: Option<Vec<String>>,
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    read: Option<Vec<String>>,
+    action: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,10 +265,24 @@ pub fn load(path: &Path) -> Result<Config, Error> {
     Ok(config)
 }
 
+/// Builds the admin listener's TLS configuration from its files.
+fn load_admin_tls(config: &mut Config) -> Result<(), Vec<String>> {
+    if let Some(t) = &config.admin_tls {
+        config.admin_tls_config = Some(ServerTlsHandle::new(tls_server::load_server(
+            "admin.tls",
+            t,
+        )?));
+    }
+    Ok(())
+}
+
 /// Reads and checks the TLS material of every cluster that has a `tls:`
 /// block or an https:// host.
 pub fn load_tls(config: &mut Config) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
+    if let Err(p) = load_admin_tls(config) {
+        problems.extend(p);
+    }
     for c in &mut config.clusters {
         let https = c.uses_https();
         if c.tls.is_none() && !https {
@@ -295,18 +346,36 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     if interval < Duration::from_millis(100) {
         p.add("cluster_update_interval", "must be at least 0.1 seconds");
     }
-    let listen_address = match parse_listen(
-        raw.listen_address
-            .as_deref()
-            .unwrap_or(DEFAULT_ADMIN_ADDRESS),
+    let (admin_listen, admin_key) = match (
+        &raw.listen_address,
+        raw.admin.as_ref().and_then(|a| a.listen.as_ref()),
     ) {
+        (Some(_), Some(_)) => {
+            p.add(
+                "admin.listen",
+                "listen_address gives the same; keep one of them",
+            );
+            (raw.listen_address.as_deref(), "listen_address")
+        }
+        (Some(l), None) => (Some(l.as_str()), "listen_address"),
+        (None, Some(l)) => (Some(l.as_str()), "admin.listen"),
+        (None, None) => (None, "listen_address"),
+    };
+    let listen_address = match parse_listen(admin_listen.unwrap_or(DEFAULT_ADMIN_ADDRESS)) {
         Ok(a) => a,
         Err(e) => {
-            p.add("listen_address", e);
+            p.add(admin_key, e);
             DEFAULT_ADMIN_ADDRESS
                 .parse()
                 .expect("default admin address parses")
         }
+    };
+    let (admin_tls, admin_allow) = match raw.admin {
+        Some(a) => (
+            a.tls.map(|t| server_tls(&mut p, "admin.tls", t)),
+            allow(&mut p, "admin.allow", a.allow),
+        ),
+        None => (None, Allow::default()),
     };
     let log_level = match raw
         .log_level
@@ -368,6 +437,9 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         Ok(Config {
             cluster_update_interval: interval,
             listen_address,
+            admin_tls,
+            admin_tls_config: None,
+            admin_allow,
             log_level,
             connect_timeout,
             api_timeout,
@@ -383,6 +455,69 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         })
     } else {
         Err(p.0)
+    }
+}
+
+/// A listener's `tls:` block, checked for meaning (the files are read by
+/// [`load`]).
+fn server_tls(p: &mut Problems, path: &str, t: RawServerTls) -> ServerTlsConfig {
+    let tls13_only = match &t.min_version {
+        None => false,
+        Some(v) => {
+            let text = match v {
+                serde_yaml::Value::String(s) => s.clone(),
+                serde_yaml::Value::Number(n) => n.to_string(),
+                other => format!("{other:?}"),
+            };
+            match text.trim().trim_start_matches("TLSv") {
+                "1.2" => false,
+                "1.3" => true,
+                "1" | "1.0" | "1.1" => {
+                    p.add(
+                        &format!("{path}.min_version"),
+                        format!("TLS {text} is not offered (rustls speaks 1.2 and 1.3); expected \"1.2\" or \"1.3\""),
+                    );
+                    false
+                }
+                _ => {
+                    p.add(
+                        &format!("{path}.min_version"),
+                        format!("{text:?}: expected \"1.2\" or \"1.3\""),
+                    );
+                    false
+                }
+            }
+        }
+    };
+    ServerTlsConfig {
+        cert: t.cert,
+        key: t.key,
+        tls13_only,
+        ciphers: t.ciphers.unwrap_or_default(),
+        client_ca: t.client_ca,
+    }
+}
+
+/// An `allow:` block: networks per route class; a missing class is open.
+fn allow(p: &mut Problems, path: &str, raw: Option<RawAllow>) -> Allow {
+    let Some(raw) = raw else {
+        return Allow::default();
+    };
+    let mut list = |class: &str, v: Option<Vec<String>>| {
+        v.map(|nets| {
+            nets.iter()
+                .enumerate()
+                .filter_map(|(i, n)| {
+                    Network::parse(n)
+                        .map_err(|e| p.add(&format!("{path}.{class}[{i}]"), e))
+                        .ok()
+                })
+                .collect()
+        })
+    };
+    Allow {
+        read: list("read", raw.read),
+        action: list("action", raw.action),
     }
 }
 
@@ -637,6 +772,27 @@ mod tests {
             e,
             ["clusters.a.tls.verify_hostname: has no effect with skip_verify: true; remove one of them"]
         );
+    }
+
+    #[test]
+    fn admin_block_gives_listen_tls_and_allow() {
+        let c = parse(
+            "admin:\n  listen: 127.0.0.1:9000\n  tls: {cert: /c.pem, min_version: 1.3, ciphers: [TLS_AES_128_GCM_SHA256]}\n  allow: {action: [127.0.0.0/8, \"::1\"]}\nclusters: {}\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen_address, "127.0.0.1:9000".parse().unwrap());
+        let t = c.admin_tls.unwrap();
+        assert!(t.tls13_only);
+        assert_eq!(t.ciphers, ["TLS_AES_128_GCM_SHA256"]);
+        assert!(c.admin_allow.read.is_none());
+        assert_eq!(c.admin_allow.action.as_ref().unwrap().len(), 2);
+        let e = errors(
+            "listen_address: 127.0.0.1:1\nadmin:\n  listen: 127.0.0.1:2\n  tls: {cert: /c, min_version: \"1.1\"}\n  allow: {read: [10.0.0.1/8]}\nclusters: {}\n",
+        );
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].starts_with("admin.listen: listen_address gives the same"));
+        assert!(e[1].starts_with("admin.tls.min_version: TLS 1.1 is not offered"));
+        assert!(e[2].starts_with("admin.allow.read[0]: \"10.0.0.1/8\" has host bits set"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! share only the message types in `updater`.
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod config;
 pub mod error;
@@ -20,5 +21,6 @@ pub mod pgwire;
 pub mod proxy;
 pub mod signals;
 pub mod tls;
+pub mod tls_server;
 pub mod topology;
 pub mod updater;

@@ -165,14 +165,11 @@ pub fn load_client(
     let mut roots = Vec::new();
     let mut from = Vec::new();
     if let Some(f) = &cfg.ca_cert {
-        match read_certs(f) {
-            Ok(certs) => match check_roots(f, &certs) {
-                Ok(()) => {
-                    roots.extend(certs);
-                    from.push(f.display().to_string());
-                }
-                Err(e) => problems.push(format!("{path}.ca_cert: {e}")),
-            },
+        match read_roots(f) {
+            Ok(certs) => {
+                roots.extend(certs);
+                from.push(f.display().to_string());
+            }
             Err(e) => problems.push(format!("{path}.ca_cert: {e}")),
         }
     }
@@ -204,13 +201,15 @@ pub fn load_client(
             problems.push(format!("{path}.client_key: given without client_cert"));
             None
         }
-        (Some(cert), key) => match load_identity(path, cert, key.as_deref()) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                problems.push(e);
-                None
+        (Some(cert), key) => {
+            match load_identity(path, "client_cert", cert, "client_key", key.as_deref()) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    problems.push(e);
+                    None
+                }
             }
-        },
+        }
     };
 
     let authorization = match (&cfg.username, &cfg.password_file) {
@@ -301,6 +300,13 @@ fn certs_in(bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(out)
 }
 
+/// A PEM file of CA certificates, each checked to be usable as one.
+pub(crate) fn read_roots(f: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = read_certs(f)?;
+    check_roots(f, &certs)?;
+    Ok(certs)
+}
+
 /// Every certificate must be usable as a trust anchor.
 fn check_roots(f: &Path, certs: &[CertificateDer<'static>]) -> Result<(), String> {
     let mut store = RootCertStore::empty();
@@ -383,13 +389,21 @@ fn system_roots() -> Result<(&'static str, Vec<CertificateDer<'static>>), String
     Err(why.join("; "))
 }
 
-/// The client certificate chain and its key (from `client_key`, else from
-/// the certificate file itself), checked to match.
-fn load_identity(path: &str, cert: &Path, key: Option<&Path>) -> Result<Identity, String> {
-    let chain = read_certs(cert).map_err(|e| format!("{path}.client_cert: {e}"))?;
+/// A certificate chain and its key (from the key file, else from the
+/// certificate file itself), checked to match. `cert_key` and `key_key`
+/// name the keys of the block, for the errors.
+pub(crate) fn load_identity(
+    path: &str,
+    cert_key: &str,
+    cert: &Path,
+    key_key: &str,
+    key: Option<&Path>,
+) -> Result<Identity, String> {
+    let chain = read_certs(cert).map_err(|e| format!("{path}.{cert_key}: {e}"))?;
+    let key_name = key_key;
     let (key_path, key_key) = match key {
-        Some(k) => (k, "client_key"),
-        None => (cert, "client_cert"),
+        Some(k) => (k, key_key),
+        None => (cert, cert_key),
     };
     let bytes = read_file(key_path).map_err(|e| format!("{path}.{key_key}: {e}"))?;
     let key = match PrivateKeyDer::from_pem_slice(&bytes) {
@@ -397,11 +411,11 @@ fn load_identity(path: &str, cert: &Path, key: Option<&Path>) -> Result<Identity
         Err(pem::Error::NoItemsFound) => {
             let encrypted = String::from_utf8_lossy(&bytes).contains("ENCRYPTED");
             let hint = if encrypted {
-                "the key is encrypted; give it without a passphrase"
+                "the key is encrypted; give it without a passphrase".to_string()
             } else if key.is_none() {
-                "no private key in the file; set client_key"
+                format!("no private key in the file; set {key_name}")
             } else {
-                "no private key in the file (expected PKCS#1, PKCS#8 or SEC1 PEM)"
+                "no private key in the file (expected PKCS#1, PKCS#8 or SEC1 PEM)".to_string()
             };
             return Err(format!("{path}.{key_key}: {}: {hint}", key_path.display()));
         }
