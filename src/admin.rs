@@ -2,7 +2,9 @@
 //!
 //! PURE: bytes in, a [`Parse`] out; a [`Response`] in, bytes out. The
 //! connection state machine that reads and writes these bytes lives in
-//! `proxy::admin_conn`, under the same edge-triggered rules as sessions.
+//! `proxy::admin`, under the same edge-triggered rules as sessions. A
+//! [`Request`] keeps its path and query string; each listener matches the
+//! path against its own route table ([`parse_request_with`]).
 //!
 //! Scope, on purpose small: one request per connection, answered with
 //! `Connection: close`; HTTP/1.0 and 1.1; GET and HEAD; the request head is
@@ -37,6 +39,27 @@ impl Route {
 pub struct Request {
     pub head_only: bool,
     pub route: Route,
+    /// The path as sent, without the query string (`/clusters`).
+    pub path: String,
+    /// The query string without the `?` (`lag=16MB&tag_x=y`); empty when
+    /// there is none. Percent-escapes are left as sent.
+    pub query: String,
+}
+
+impl Request {
+    /// The query's `key=value` pairs in order; a pair without `=` has an
+    /// empty value.
+    pub fn params(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.split_once('=').unwrap_or((p, "")))
+    }
+
+    /// The first value of query parameter `key`.
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.params().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
 }
 
 /// The outcome of looking at the bytes received so far.
@@ -49,8 +72,15 @@ pub enum Parse {
     Reject(Response),
 }
 
-/// Parses a request head from `buf` (everything read so far).
+/// Parses a request head from `buf` (everything read so far) against the
+/// admin routes, [`Route::ALL`].
 pub fn parse_request(buf: &[u8]) -> Parse {
+    parse_request_with(buf, &Route::ALL)
+}
+
+/// Parses a request head from `buf` against a route table: each listener
+/// serves its own table, and a path not in it gets 404.
+pub fn parse_request_with(buf: &[u8], routes: &[(&str, Route)]) -> Parse {
     let Some(end) = find_head_end(buf) else {
         return if buf.len() >= MAX_REQUEST_BYTES {
             Parse::Reject(Response::text(413, "request too large\n"))
@@ -87,11 +117,14 @@ pub fn parse_request(buf: &[u8]) -> Parse {
             return Parse::Reject(Response::text(405, "only GET and HEAD are supported\n").allow())
         }
     };
-    let path = target.split(['?', '#']).next().unwrap_or("");
-    match Route::ALL.iter().find(|(p, _)| *p == path) {
+    let target = target.split_once('#').map_or(target, |(t, _)| t);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    match routes.iter().find(|(p, _)| *p == path) {
         Some((_, route)) => Parse::Ok(Request {
             head_only,
             route: *route,
+            path: path.to_string(),
+            query: query.to_string(),
         }),
         None => Parse::Reject(Response::text(404, "not found\n").head_only(head_only)),
     }
@@ -220,6 +253,35 @@ mod tests {
             Route::Clusters
         );
         assert!(ok("HEAD / HTTP/1.1\n\n").head_only);
+    }
+
+    #[test]
+    fn keeps_path_and_query() {
+        let r = ok("GET /clusters?lag=16MB&tag_dc=west&x HTTP/1.1\r\n\r\n");
+        assert_eq!(r.path, "/clusters");
+        assert_eq!(r.query, "lag=16MB&tag_dc=west&x");
+        assert_eq!(r.param("lag"), Some("16MB"));
+        assert_eq!(r.param("tag_dc"), Some("west"));
+        assert_eq!(r.param("x"), Some(""));
+        assert_eq!(r.param("nope"), None);
+        let r = ok("GET /#frag HTTP/1.1\r\n\r\n");
+        assert_eq!((r.path.as_str(), r.query.as_str()), ("/", ""));
+        assert_eq!(ok("GET /?a=1#f HTTP/1.1\r\n\r\n").query, "a=1");
+    }
+
+    #[test]
+    fn each_table_has_its_own_routes() {
+        let table = [("/health", Route::Root)];
+        let r = parse_request_with(b"GET /health?lag=1 HTTP/1.1\r\n\r\n", &table);
+        assert!(matches!(
+            r,
+            Parse::Ok(Request {
+                route: Route::Root,
+                ..
+            })
+        ));
+        let r = parse_request_with(b"GET /clusters HTTP/1.1\r\n\r\n", &table);
+        assert!(matches!(r, Parse::Reject(resp) if resp.status == 404));
     }
 
     #[test]

@@ -5,9 +5,16 @@
 //! the pure modules; the binary (`src/main.rs`) is a thin wrapper over
 //! [`proxy::Proxy`].
 //!
-//! Dependency direction: `main -> proxy -> {topology, admin, signals, config}`
-//! and `updater -> {patroni, topology}`. The loop and the updater threads
-//! share only the message types in `updater`.
+//! Dependency direction (nothing points back up):
+//! `main -> {config, proxy}`;
+//! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error}`;
+//! `updater -> {patroni, topology, tls, https}`;
+//! `config -> {topology, error, tls, tls_server, access}`;
+//! `tls_server -> tls`; `https -> tls`; `patroni -> topology`.
+//! `topology`, `pgwire`, `admin`, `signals`, `notify`, `error`, `tls` and
+//! `access` depend on nothing of ours. The loop and the updater threads
+//! share only the message types in `updater`. Every libc call and every
+//! `unsafe` block is in `proxy::sys`.
 #![deny(unsafe_code)]
 
 pub mod access;

@@ -484,7 +484,7 @@ fn base64(input: &[u8]) -> String {
 /// but accepts a certificate whatever names it lists: for Patroni members
 /// that advertise a bare IP their certificate does not carry. ureq's
 /// `TlsConfig` cannot express this (verification is all or nothing), so
-/// these hosts are fetched by [`crate::https`].
+/// these hosts are fetched by the `https` module.
 pub fn no_hostname_config(m: &ClientMaterial) -> Result<Arc<ClientConfig>, String> {
     let provider = provider();
     let mut store = RootCertStore::empty();

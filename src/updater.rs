@@ -20,18 +20,17 @@
 //! the cluster's [`ClientMaterial`]; hosts with `verify_hostname: false`
 //! go through [`crate::https`] instead, as ureq cannot take a verifier of
 //! our own. A TLS failure is logged once per host and cause (not on every
-//! poll) and counted in [`tls_failures`].
+//! poll) and counted (`Update::tls_failures`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, ToSocketAddrs};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use crate::config::{ClusterConfig, Config};
 use crate::https;
 use crate::patroni;
 use crate::tls::{self, ClientMaterial};
@@ -59,6 +58,8 @@ pub struct Update {
     pub outcome: Result<Polled, String>,
     /// The `RefreshNow` requests this poll answers.
     pub requests: Vec<u64>,
+    /// Hosts whose request failed in TLS during this poll.
+    pub tls_failures: u64,
 }
 
 /// A successful poll.
@@ -86,36 +87,6 @@ pub struct Settings {
     pub api_timeout: Duration,
     /// Compared by content: rotated certificates restart the updater.
     pub tls: Option<Arc<ClientMaterial>>,
-}
-
-impl Settings {
-    /// What the updater of `cluster` needs from `config`.
-    pub fn new(config: &Config, cluster: &ClusterConfig) -> Settings {
-        Settings {
-            hosts: cluster.hosts.clone(),
-            interval: config.cluster_update_interval,
-            api_timeout: config.api_timeout,
-            tls: cluster.tls_material.clone(),
-        }
-    }
-}
-
-/// TLS failures per cluster since the process started (across updater
-/// restarts), for the admin interface and metrics.
-static TLS_FAILURES: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
-
-/// How many polls of `cluster` failed in TLS so far.
-pub fn tls_failures(cluster: &str) -> u64 {
-    TLS_FAILURES
-        .lock()
-        .map(|m| m.get(cluster).copied().unwrap_or(0))
-        .unwrap_or(0)
-}
-
-fn count_tls_failure(cluster: &str) {
-    if let Ok(mut m) = TLS_FAILURES.lock() {
-        *m.entry(cluster.to_string()).or_default() += 1;
-    }
 }
 
 /// Why a fetch failed: TLS failures are logged and counted apart.
@@ -197,6 +168,8 @@ struct Worker {
     no_hostname: Option<Arc<rustls::ClientConfig>>,
     /// The TLS failure cause last logged per host (cleared on success).
     tls_logged: HashMap<String, &'static str>,
+    /// TLS failures of the current poll, sent with its `Update`.
+    tls_failures: u64,
     /// Last topology sent to the loop.
     last: Option<Topology>,
     last_skipped: Vec<String>,
@@ -257,6 +230,7 @@ impl Worker {
             agent,
             no_hostname,
             tls_logged: HashMap::new(),
+            tls_failures: 0,
             last: None,
             last_skipped: Vec::new(),
             fast_until: None,
@@ -276,6 +250,7 @@ impl Worker {
                 cluster: self.cluster.clone(),
                 outcome,
                 requests: std::mem::take(&mut requests),
+                tls_failures: std::mem::take(&mut self.tls_failures),
             };
             if self.updates.send(update).is_err() {
                 return; // the loop is gone
@@ -357,7 +332,7 @@ impl Worker {
                 }
                 Err(e) => {
                     if let FetchFailure::Tls(t) = &e {
-                        count_tls_failure(&self.cluster);
+                        self.tls_failures += 1;
                         if self.tls_logged.get(&host) != Some(&t.cause) {
                             warn!(
                                 "cluster={} host={host} TLS failure: {}",

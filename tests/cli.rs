@@ -176,3 +176,105 @@ fn example_config_is_valid_and_every_key_and_route_is_documented() {
         );
     }
 }
+
+/// The modules of ours a module (a file in `src/`, or all of `src/proxy/`)
+/// names as `crate::x` or `patroni_proxy::x`.
+fn uses_of(root: &str, module: &str) -> std::collections::BTreeSet<String> {
+    let files: Vec<std::path::PathBuf> = if module == "proxy" {
+        std::fs::read_dir(format!("{root}/src/proxy"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    } else {
+        vec![format!("{root}/src/{module}.rs").into()]
+    };
+    let mut out = std::collections::BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for prefix in ["crate::", "patroni_proxy::"] {
+            for (i, _) in text.match_indices(prefix) {
+                let name: String = text[i + prefix.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != module {
+                    out.insert(name);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_dependency_line_in_lib_rs_matches_the_imports() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let lib = std::fs::read_to_string(format!("{root}/src/lib.rs")).unwrap();
+    let doc: String = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let start = doc.find("Dependency direction").expect("a dependency line");
+    let doc = &doc[start..];
+    let mut checked = 0;
+    for part in doc.split('`').skip(1).step_by(2) {
+        let Some((from, to)) = part.split_once(" -> ") else {
+            continue;
+        };
+        let want: std::collections::BTreeSet<String> = to
+            .trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect();
+        assert_eq!(uses_of(root, from), want, "lib.rs says `{part}`");
+        checked += 1;
+    }
+    assert!(checked >= 5, "{checked} arrows checked");
+    let leaves = doc.split(" depend on nothing of ours").next().unwrap();
+    let leaves = leaves.rsplit(". ").next().unwrap();
+    for leaf in leaves.split('`').skip(1).step_by(2) {
+        assert!(
+            uses_of(root, leaf).is_empty(),
+            "{leaf} depends on {:?}",
+            uses_of(root, leaf)
+        );
+    }
+}
+
+#[test]
+fn the_readme_layout_lists_every_source_file_and_names_real_functions() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let mut sources = String::new();
+    for dir in ["src", "src/proxy"] {
+        for e in std::fs::read_dir(format!("{root}/{dir}")).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "rs") {
+                let rel = format!("{dir}/{}", path.file_name().unwrap().to_string_lossy());
+                assert!(
+                    readme.contains(&format!("| `{rel}` |")),
+                    "{rel} is missing from the README's Layout"
+                );
+                sources.push_str(&std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let life = readme
+        .split("### Life of a connection")
+        .nth(1)
+        .expect("a Life of a connection section");
+    let life = life.split("\n#").next().unwrap();
+    let mut named = 0;
+    for quoted in life.split('`').skip(1).step_by(2) {
+        let Some((_, f)) = quoted.split_once("::") else {
+            continue;
+        };
+        assert!(
+            sources.contains(&format!("fn {f}(")),
+            "the README names {quoted}, which is not a function in src/"
+        );
+        named += 1;
+    }
+    assert!(named >= 15, "{named} functions named");
+}

@@ -119,6 +119,61 @@ fn clusters_json_shows_members_ports_and_connections() {
 }
 
 #[test]
+fn clusters_json_counts_sessions_bytes_and_polls() {
+    let (nodes, api) = three_nodes(0);
+    let (rw, ro) = (free_port(), free_port());
+    let proxy = Proxy::start(&config(
+        free_port(),
+        &[api.url()],
+        &ports_yaml(rw, ro, "roles: [async], backend_wait_timeout: 0"),
+        "",
+    ));
+    proxy.wait_backends("main", "ro", &["node2", "node3"]);
+    let rig = Rig {
+        nodes,
+        api,
+        proxy,
+        admin: 0,
+        rw,
+        ro,
+    };
+    let mut c = Client::connect(local(rig.rw));
+    assert_eq!(c.greeting(), "node1");
+    assert!(c.echo("hello"));
+    drop(c);
+    // A port without a routable member refuses at once (wait 0).
+    let mut r = Client::connect(local(rig.ro));
+    r.greeting();
+    rig.api.set(&cluster(vec![member(
+        "node1",
+        "leader",
+        "running",
+        rig.nodes[0].addr,
+        None,
+    )]));
+    rig.proxy.wait_backends("main", "ro", &[]);
+    assert_eq!(r.line(), None, "closed: its member left");
+    let _ = Client::connect(local(rig.ro)).line();
+    let stats = |port: &str| rig.proxy.status()["clusters"]["main"]["ports"][port]["stats"].clone();
+    assert!(wait_until(Duration::from_secs(10), || {
+        stats("rw")["closed"]["client"] == 1 && stats("ro")["refused"]["no_member"] == 1
+    }));
+    let rw = stats("rw");
+    assert_eq!(rw["accepted"], 1);
+    assert_eq!(rw["members"]["node1"]["connects"], 1);
+    assert_eq!(rw["members"]["node1"]["bytes_up"], "hello\n".len());
+    // The greeting counts too, although the start-up examination read it.
+    assert_eq!(rw["members"]["node1"]["bytes_down"], "node1\nhello\n".len());
+    let ro = stats("ro");
+    assert_eq!(ro["accepted"], 2);
+    assert_eq!(ro["closed"]["removed"], 1, "{ro}");
+    let cluster = &rig.proxy.status()["clusters"]["main"]["stats"];
+    assert!(cluster["polls"].as_u64().unwrap() >= 2, "{cluster}");
+    assert_eq!(cluster["poll_errors"], 0);
+    assert_eq!(cluster["leader_changes"], 0);
+}
+
+#[test]
 fn sighup_changes_a_port_in_place_keeping_its_socket_and_sessions() {
     let rig = rig("");
     let pid = rig.proxy.pid();

@@ -970,11 +970,11 @@ fn tls_a_routing_switchover_and_client_certificate_rotation() {
         .matches("configuration reloaded")
         .count()
         > reloads));
-    let fails = proxy.status()["clusters"]["main"]["tls_failures"].clone();
+    let fails = proxy.status()["clusters"]["main"]["stats"]["tls_failures"].clone();
     thread::sleep(Duration::from_secs_f64(INTERVAL * 3.0));
     let s = proxy.status();
     assert!(s["clusters"]["main"]["last_error"].is_null(), "{s}");
-    assert_eq!(s["clusters"]["main"]["tls_failures"], fails, "{s}");
+    assert_eq!(s["clusters"]["main"]["stats"]["tls_failures"], fails, "{s}");
     assert_eq!(whereami(rw, CONNECT).unwrap(), (false, new_port));
     c.run(&["wait"]);
 }
@@ -1004,7 +1004,7 @@ fn tls_b_refusals_skip_verify_and_ca_rotation() {
         let line = format!("host={} TLS failure: unknown issuer", n.api);
         assert!(log.matches(&line).count() <= 1, "{log}");
     }
-    assert!(proxy.status()["clusters"]["main"]["tls_failures"].as_u64() > Some(1));
+    assert!(proxy.status()["clusters"]["main"]["stats"]["tls_failures"].as_u64() > Some(1));
 
     // Rotation of the trust: the right CA in the same file, SIGHUP.
     std::fs::copy(&t.ca, &trusted).unwrap();

@@ -207,7 +207,7 @@ fn wrong_ca_is_refused_logged_once_and_counted() {
     api.set(&body);
     let proxy = Proxy::start(&cfg);
     let counted = wait_until(Duration::from_secs(15), || {
-        proxy.status()["clusters"]["main"]["tls_failures"]
+        proxy.status()["clusters"]["main"]["stats"]["tls_failures"]
             .as_u64()
             .unwrap_or(0)
             >= 3

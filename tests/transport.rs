@@ -339,6 +339,49 @@ fn accept_pauses_on_emfile_and_resumes_when_descriptors_free() {
 }
 
 #[test]
+fn splice_pipes_never_take_the_descriptors_sessions_need() {
+    // max_connections=8 needs 16 descriptors and fits in a limit of 40;
+    // splice pipes (two descriptors each) must make do with what is left,
+    // or the pipes of a few bulk transfers push accept into EMFILE.
+    let (_b, _api, cfg, port) = one_leader("max_connections: 8\nbuffer_size: 1024");
+    let p = Proxy::start_with(&cfg, |cmd| nofile_limit(cmd, 40));
+    p.wait_backends("main", "rw", &["node1"]);
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let mut c = Client::connect(local(port));
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        assert_eq!(
+            c.line().as_deref(),
+            Some("node1"),
+            "client {i} not served\n{}",
+            p.log()
+        );
+        // A bulk transfer that stays stuck: the echo comes back to a client
+        // that does not read, so both directions keep bytes in flight.
+        c.stream.set_nonblocking(true).unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut sent = 0;
+        while Instant::now() < deadline && sent < 32 << 20 {
+            match c.stream.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    if c.stream.write(&chunk).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => panic!("client {i}: {e}"),
+            }
+        }
+        clients.push(c);
+    }
+    assert!(!p.log().contains("Too many open files"), "{}", p.log());
+}
+
+#[test]
 fn a_short_exchange_that_is_not_postgresql_passes_at_once() {
     // The client speaks first with one byte and the server answers one byte:
     // nothing of the start-up examination may hold it back.

@@ -17,7 +17,7 @@
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 
-use super::sockopt;
+use super::sys;
 
 /// Most pipes in use at once (two descriptors each).
 pub const MAX_PIPES: usize = 256;
@@ -122,6 +122,9 @@ pub struct Pool {
     splice: bool,
     free_pipes: Vec<Pipe>,
     pipes_in_use: usize,
+    /// Most pipes in use at once: [`MAX_PIPES`], or fewer when the
+    /// open-files limit leaves no room for them (`ports::fd_budget`).
+    max_pipes: usize,
 }
 
 impl Pool {
@@ -134,20 +137,27 @@ impl Pool {
             splice: false,
             free_pipes: Vec::new(),
             pipes_in_use: 0,
+            max_pipes: MAX_PIPES,
         }
+    }
+
+    /// Caps the pipes in use (and kept free) at `n`.
+    pub fn set_max_pipes(&mut self, n: usize) {
+        self.max_pipes = n.min(MAX_PIPES);
+        self.free_pipes.truncate(self.max_pipes);
     }
 
     /// A pipe for a bulk transfer, if splicing is on and one can be had.
     pub fn take_pipe(&mut self) -> Option<Pipe> {
-        if !self.splice || self.pipes_in_use >= MAX_PIPES {
+        if !self.splice || self.pipes_in_use >= self.max_pipes {
             return None;
         }
         let pipe = match self.free_pipes.pop() {
             Some(p) => p,
             // Out of descriptors or pipe memory: stay with buffers.
             None => {
-                let (read, write) = sockopt::pipe().ok()?;
-                let cap = sockopt::pipe_capacity(&write);
+                let (read, write) = sys::pipe().ok()?;
+                let cap = sys::pipe_capacity(&write);
                 Pipe {
                     read,
                     write,
@@ -164,7 +174,7 @@ impl Pool {
     /// Gives a pipe back; one that still holds bytes is closed, never reused.
     pub fn give_pipe(&mut self, p: Pipe) {
         self.pipes_in_use = self.pipes_in_use.saturating_sub(1);
-        if p.len == 0 && self.splice && self.free_pipes.len() < KEEP_PIPES {
+        if p.len == 0 && self.splice && self.free_pipes.len() < KEEP_PIPES.min(self.max_pipes) {
             self.free_pipes.push(p);
         }
     }

@@ -1,11 +1,11 @@
-//! One configured port: its listening socket, what it routes to, and the
-//! least-connections counters of its backends.
+//! One configured port: its listening socket, what it routes to, and its
+//! counters; and [`Backends`], the socket-free least-connections state.
 //!
 //! The backend list is replaced on every topology change or reload by
-//! [`Listener::set_backends`], which carries the counters of backends that
-//! stay, so balancing is not reset by an unrelated change. A counter counts
-//! the sessions of this port that are connecting to or connected to that
-//! backend.
+//! [`Backends::set`], which carries the counters of backends that stay, so
+//! balancing is not reset by an unrelated change. A backend's `active`
+//! counts the sessions of this port that are connecting to or connected to
+//! it.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use mio::net::TcpListener;
 
+use super::stats::{member_slot, MemberStats, PortStats};
 use crate::config::{ClusterConfig, PortConfig};
 use crate::topology::{pick_least, PortFilter, Route};
 
@@ -24,10 +25,102 @@ pub struct Backend {
     pub active: u32,
     /// Routable, but takes no new clients (a leader being demoted).
     pub draining: bool,
+    /// Index of the member's counters in [`Backends::members`].
+    pub slot: usize,
 }
 
-/// Where a session goes: the member and the address dialled.
-pub type Target = (Rc<str>, SocketAddr);
+impl Backend {
+    pub fn is(&self, r: &Route) -> bool {
+        *self.member == *r.member && self.addr == r.addr
+    }
+
+    fn is_target(&self, t: &Target) -> bool {
+        self.member == t.member && self.addr == t.addr
+    }
+}
+
+/// Where a session goes: the member, the address dialled, and the index of
+/// the member's counters in its port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub member: Rc<str>,
+    pub addr: SocketAddr,
+    pub slot: usize,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.member, self.addr)
+    }
+}
+
+/// The routable members of a port with their least-connections counters,
+/// and the per-member counters of everything the port ever routed to.
+#[derive(Debug, Default)]
+pub struct Backends {
+    pub list: Vec<Backend>,
+    /// Where the next tie-break starts.
+    cursor: usize,
+    /// Never shrinks: `Target::slot` and `Backend::slot` index it.
+    pub members: Vec<MemberStats>,
+}
+
+impl Backends {
+    /// Replaces the routable set, keeping counters of backends that stay.
+    pub fn set(&mut self, routable: &[Route]) {
+        let old = std::mem::take(&mut self.list);
+        let members = &mut self.members;
+        self.list = routable
+            .iter()
+            .map(|r| match old.iter().find(|b| b.is(r)) {
+                Some(b) => Backend {
+                    draining: r.draining,
+                    ..b.clone()
+                },
+                None => Backend {
+                    member: Rc::from(r.member),
+                    addr: r.addr,
+                    active: 0,
+                    draining: r.draining,
+                    slot: member_slot(members, r.member),
+                },
+            })
+            .collect();
+    }
+
+    /// A backend that new clients can be sent to.
+    pub fn has_open(&self) -> bool {
+        self.list.iter().any(|b| !b.draining)
+    }
+
+    /// Least connections among backends whose address is not in `tried`;
+    /// counts the pick.
+    pub fn pick(&mut self, tried: &[SocketAddr]) -> Option<Target> {
+        let i = pick_least(&self.list, self.cursor, |b| {
+            (!b.draining && !tried.contains(&b.addr)).then_some(b.active)
+        })?;
+        self.cursor = i + 1;
+        let b = &mut self.list[i];
+        b.active += 1;
+        Some(Target {
+            member: Rc::clone(&b.member),
+            addr: b.addr,
+            slot: b.slot,
+        })
+    }
+
+    /// A session of this port left `target`.
+    pub fn release(&mut self, target: &Target) {
+        if let Some(b) = self.list.iter_mut().find(|b| b.is_target(target)) {
+            b.active = b.active.saturating_sub(1);
+        }
+    }
+
+    /// The counters of `target`'s member.
+    pub fn member_stats(&mut self, target: &Target) -> Option<&mut MemberStats> {
+        self.members.get_mut(target.slot)
+    }
+}
 
 pub struct Listener {
     pub addr: SocketAddr,
@@ -37,17 +130,10 @@ pub struct Listener {
     pub label: String,
     pub filter: PortFilter,
     pub wait: Duration,
-    pub backends: Vec<Backend>,
-    /// Where the next tie-break starts.
-    cursor: usize,
+    pub backends: Backends,
+    pub stats: PortStats,
     /// The kernel said there are connections to accept; cleared on WouldBlock.
     pub accept_ready: bool,
-}
-
-impl Backend {
-    pub fn is(&self, r: &Route) -> bool {
-        *self.member == *r.member && self.addr == r.addr
-    }
 }
 
 impl Listener {
@@ -63,8 +149,8 @@ impl Listener {
                 max_lag_in_bytes: None,
             },
             wait: Duration::ZERO,
-            backends: Vec::new(),
-            cursor: 0,
+            backends: Backends::default(),
+            stats: PortStats::default(),
             accept_ready: false,
         };
         l.configure(cluster, port);
@@ -83,51 +169,69 @@ impl Listener {
         self.wait = port.backend_wait_timeout;
     }
 
-    /// Replaces the routable set, keeping counters of backends that stay.
-    pub fn set_backends(&mut self, routable: &[Route]) {
-        let old = std::mem::take(&mut self.backends);
-        self.backends = routable
-            .iter()
-            .map(|r| match old.iter().find(|b| b.is(r)) {
-                Some(b) => Backend {
-                    draining: r.draining,
-                    ..b.clone()
-                },
-                None => Backend {
-                    member: Rc::from(r.member),
-                    addr: r.addr,
-                    active: 0,
-                    draining: r.draining,
-                },
-            })
-            .collect();
+    /// The port's name without the cluster (`rw` of `main:rw`).
+    pub fn port_name(&self) -> &str {
+        self.label
+            .split_once(':')
+            .map_or(self.label.as_str(), |(_, p)| p)
     }
+}
 
-    /// A backend that new clients can be sent to.
-    pub fn has_open_backend(&self) -> bool {
-        self.backends.iter().any(|b| !b.draining)
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// Least connections among backends whose address is not in `tried`;
-    /// counts the pick.
-    pub fn pick(&mut self, tried: &[SocketAddr]) -> Option<Target> {
-        let i = pick_least(&self.backends, self.cursor, |b| {
-            (!b.draining && !tried.contains(&b.addr)).then_some(b.active)
-        })?;
-        self.cursor = i + 1;
-        let b = &mut self.backends[i];
-        b.active += 1;
-        Some((Rc::clone(&b.member), b.addr))
-    }
-
-    /// A session of this port left `target`.
-    pub fn release(&mut self, target: &Target) {
-        if let Some(b) = self
-            .backends
-            .iter_mut()
-            .find(|b| b.member == target.0 && b.addr == target.1)
-        {
-            b.active = b.active.saturating_sub(1);
+    fn route<'a>(member: &'a str, port: u16, draining: bool) -> Route<'a> {
+        Route {
+            member,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            draining,
         }
+    }
+
+    #[test]
+    fn least_connections_with_counters_kept_across_updates() {
+        let mut b = Backends::default();
+        b.set(&[route("a", 1, false), route("b", 2, false)]);
+        let t1 = b.pick(&[]).unwrap();
+        let t2 = b.pick(&[]).unwrap();
+        assert_ne!(t1.member, t2.member, "one each");
+        let t3 = b.pick(&[]).unwrap();
+        // An unrelated change (c joins) keeps a's and b's counters.
+        b.set(&[
+            route("a", 1, false),
+            route("b", 2, false),
+            route("c", 3, false),
+        ]);
+        assert_eq!(&*b.pick(&[]).unwrap().member, "c", "the idle one");
+        b.release(&t1);
+        b.release(&t3);
+        b.release(&t2);
+        let active: Vec<u32> = b.list.iter().map(|x| x.active).collect();
+        assert_eq!(active, [0, 0, 1]);
+    }
+
+    #[test]
+    fn draining_and_tried_backends_are_skipped() {
+        let mut b = Backends::default();
+        b.set(&[route("a", 1, true), route("b", 2, false)]);
+        assert!(b.has_open());
+        let t = b.pick(&[]).unwrap();
+        assert_eq!(&*t.member, "b");
+        assert_eq!(b.pick(&[t.addr]), None, "a drains, b was tried");
+        b.set(&[route("a", 1, true)]);
+        assert!(!b.has_open());
+    }
+
+    #[test]
+    fn member_counters_outlive_the_backend_list() {
+        let mut b = Backends::default();
+        b.set(&[route("a", 1, false)]);
+        let t = b.pick(&[]).unwrap();
+        b.set(&[route("b", 2, false)]);
+        b.member_stats(&t).unwrap().bytes_up += 7;
+        b.set(&[route("a", 1, false), route("b", 2, false)]);
+        assert_eq!(b.list[0].slot, t.slot, "a keeps its slot");
+        assert_eq!(b.members[t.slot].bytes_up, 7);
     }
 }

@@ -1,4 +1,6 @@
-//! Socket options mio does not offer, through libc. The only unsafe code in
+//! The operating system, below mio: every libc call of the crate (socket
+//! options, the listen backlog, the open-files limit, pipes and `splice`)
+//! and the classification of I/O and accept errors. The only unsafe code in
 //! the crate; each block says why it is sound.
 #![allow(unsafe_code)]
 
@@ -6,7 +8,62 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use log::Level;
+
 use crate::config::Keepalive;
+
+/// What a failed non-blocking read or write means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoError {
+    /// Edge-triggered: the readiness is used up; wait for the next event.
+    WouldBlock,
+    /// A signal landed: just try again.
+    Interrupted,
+    /// A real error: the connection is done.
+    Failed,
+}
+
+pub fn classify(e: &io::Error) -> IoError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => IoError::WouldBlock,
+        io::ErrorKind::Interrupted => IoError::Interrupted,
+        _ => IoError::Failed,
+    }
+}
+
+/// What a failed `accept` means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptError {
+    /// The backlog is empty.
+    WouldBlock,
+    /// The next accept may well succeed: a signal, or a client that gave up
+    /// while queued.
+    Retry,
+    /// Anything else (EMFILE, ENFILE, ENOBUFS, ENOMEM): the connection stays
+    /// in the backlog and, edge-triggered, no new event will come for it, so
+    /// accepting must pause and retry on a timer.
+    Pause,
+}
+
+pub fn accept_error(e: &io::Error) -> AcceptError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => AcceptError::WouldBlock,
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => AcceptError::Retry,
+        _ => AcceptError::Pause,
+    }
+}
+
+/// The log level of a session that ends on `e`: a peer that reset or went
+/// away is normal life.
+pub fn close_level(e: &io::Error) -> Level {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::NotConnected => Level::Debug,
+        _ => Level::Info,
+    }
+}
 
 /// Binds a listening socket with `backlog` (std and mio hard-code 128,
 /// which drops SYNs under a connection burst). std sets `SO_REUSEADDR` and

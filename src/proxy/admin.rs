@@ -1,0 +1,507 @@
+//! The admin interface: its listener, its HTTP connections and the dispatch
+//! of its routes (the pure request parser and responses are `crate::admin`).
+//!
+//! The connection machinery is not admin-specific: a [`Front`] is one HTTP
+//! listener with its connections and its own route table, and an
+//! [`HttpConn`] reads one request head, waits for the answer (which may take
+//! a Patroni poll for `/update_clusters`), writes the response and closes.
+//! Its socket is behind [`Io`], so a TLS stream can take its place. Same
+//! edge-triggered rules as sessions: read and write until `WouldBlock`,
+//! never assume an event means progress.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+
+use super::sys;
+use super::timer::Timer;
+use super::{token, Proxy};
+use crate::admin::{self, Parse, Request, Response, Route};
+
+/// Admin connections must send their request within this.
+pub const ADMIN_IDLE: Duration = Duration::from_secs(5);
+/// Most admin connections at once (the rest wait in the backlog).
+pub const MAX_ADMIN_CONNS: usize = 64;
+
+/// The socket of an HTTP connection.
+pub enum Io {
+    Plain(TcpStream),
+}
+
+impl Io {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Io::Plain(s) => s.read(buf),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Io::Plain(s) => s.write(buf),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        match self {
+            Io::Plain(s) => {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+        }
+    }
+
+    fn register(&mut self, registry: &Registry, tok: Token) -> io::Result<()> {
+        match self {
+            Io::Plain(s) => registry.register(s, tok, Interest::READABLE | Interest::WRITABLE),
+        }
+    }
+
+    fn deregister(&mut self, registry: &Registry) {
+        match self {
+            Io::Plain(s) => {
+                let _ = registry.deregister(s);
+            }
+        }
+    }
+}
+
+pub enum State {
+    /// Reading the request head.
+    Reading,
+    /// Waiting for the polls of `/update_clusters` (request id, clusters
+    /// still to answer, failures so far).
+    Refreshing {
+        request: u64,
+        pending: Vec<String>,
+        failures: Vec<String>,
+        head_only: bool,
+    },
+    /// Writing the response.
+    Writing,
+    /// Done or failed: reap it.
+    Closed,
+}
+
+/// One HTTP connection.
+pub struct HttpConn {
+    pub id: u64,
+    io: Io,
+    pub state: State,
+    /// Idle deadline while reading, poll deadline while refreshing.
+    pub deadline: Instant,
+    routes: &'static [(&'static str, Route)],
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+    readable: bool,
+    writable: bool,
+}
+
+/// What the loop must do after an event.
+pub enum Step {
+    Nothing,
+    /// A complete request to route.
+    Route(Request),
+    Close,
+}
+
+impl HttpConn {
+    pub fn new(
+        id: u64,
+        io: Io,
+        deadline: Instant,
+        routes: &'static [(&'static str, Route)],
+    ) -> HttpConn {
+        HttpConn {
+            id,
+            io,
+            state: State::Reading,
+            deadline,
+            routes,
+            input: Vec::new(),
+            output: Vec::new(),
+            written: 0,
+            readable: false,
+            writable: false,
+        }
+    }
+
+    pub fn on_event(&mut self, ev: &Event) -> Step {
+        let hint = ev.is_error() || ev.is_read_closed() || ev.is_write_closed();
+        self.readable |= ev.is_readable() || hint;
+        self.writable |= ev.is_writable() || hint;
+        self.advance()
+    }
+
+    /// Reads or writes as far as possible.
+    pub fn advance(&mut self) -> Step {
+        match self.state {
+            State::Reading => self.read(),
+            State::Writing => self.write(),
+            // Bytes after the head are ignored; a peer that closed is noticed
+            // when we write.
+            State::Refreshing { .. } | State::Closed => Step::Nothing,
+        }
+    }
+
+    fn read(&mut self) -> Step {
+        let mut chunk = [0u8; 2048];
+        while self.readable {
+            match self.io.read(&mut chunk) {
+                Ok(0) => return Step::Close, // closed before a full request
+                Ok(n) => {
+                    let take = n.min(
+                        admin::MAX_REQUEST_BYTES + 1
+                            - self.input.len().min(admin::MAX_REQUEST_BYTES),
+                    );
+                    self.input.extend_from_slice(&chunk[..take]);
+                    match admin::parse_request_with(&self.input, self.routes) {
+                        Parse::Incomplete => continue,
+                        Parse::Ok(req) => return Step::Route(req),
+                        Parse::Reject(resp) => {
+                            self.respond(&resp);
+                            return self.write();
+                        }
+                    }
+                }
+                Err(e) => match sys::classify(&e) {
+                    sys::IoError::WouldBlock => self.readable = false,
+                    sys::IoError::Interrupted => {}
+                    sys::IoError::Failed => return Step::Close,
+                },
+            }
+        }
+        Step::Nothing
+    }
+
+    /// Queues `resp` for writing (the caller then calls [`Self::advance`]).
+    pub fn respond(&mut self, resp: &Response) {
+        self.output = resp.render();
+        self.written = 0;
+        self.state = State::Writing;
+    }
+
+    fn write(&mut self) -> Step {
+        while self.writable && self.written < self.output.len() {
+            match self.io.write(&self.output[self.written..]) {
+                Ok(0) => return Step::Close,
+                Ok(n) => self.written += n,
+                Err(e) => match sys::classify(&e) {
+                    sys::IoError::WouldBlock => self.writable = false,
+                    sys::IoError::Interrupted => {}
+                    sys::IoError::Failed => return Step::Close,
+                },
+            }
+        }
+        if self.written == self.output.len() {
+            // All sent: FIN, then close at reap.
+            self.io.shutdown();
+            return Step::Close;
+        }
+        Step::Nothing
+    }
+}
+
+/// One HTTP listener, its connections and its route table. A second
+/// listener (a health port with a read-only table) is another `Front` with
+/// its own token range (`token.rs`) and timer kind (`timer.rs`); a TLS
+/// listener wraps its accepted sockets in another [`Io`] variant.
+pub struct Front {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+    listener_token: Token,
+    conn_token: fn(usize) -> Token,
+    routes: &'static [(&'static str, Route)],
+    /// The kernel said there are connections to accept.
+    pub accept_ready: bool,
+    pub conns: Slab<HttpConn>,
+    closed: Vec<usize>,
+    next_id: u64,
+}
+
+impl Front {
+    /// Registers `listener` under `listener_token`; connection `k` gets
+    /// `conn_token(k)`.
+    pub fn new(
+        mut listener: TcpListener,
+        addr: SocketAddr,
+        registry: &Registry,
+        listener_token: Token,
+        conn_token: fn(usize) -> Token,
+        routes: &'static [(&'static str, Route)],
+    ) -> io::Result<Front> {
+        registry.register(&mut listener, listener_token, Interest::READABLE)?;
+        Ok(Front {
+            listener,
+            addr,
+            listener_token,
+            conn_token,
+            routes,
+            accept_ready: false,
+            conns: Slab::new(),
+            closed: Vec::new(),
+            next_id: 1,
+        })
+    }
+
+    /// Swaps in a new listening socket (reload moved the address).
+    pub fn rebind(&mut self, mut sock: TcpListener, addr: SocketAddr, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        if let Err(e) = registry.register(&mut sock, self.listener_token, Interest::READABLE) {
+            log::error!("registering the new listener on {addr}: {e}");
+        }
+        self.listener = sock;
+        self.addr = addr;
+        self.accept_ready = false;
+    }
+
+    /// Accepts while the kernel has connections and there is room; each new
+    /// connection gets an idle deadline. Returns the `(key, id, deadline)`
+    /// of each for the caller's timers.
+    pub fn accept(&mut self, registry: &Registry, now: Instant) -> Vec<(usize, u64, Instant)> {
+        let mut out = Vec::new();
+        while self.accept_ready {
+            if self.conns.len() >= MAX_ADMIN_CONNS {
+                break; // leave the rest in the backlog until one finishes
+            }
+            match self.listener.accept() {
+                Ok((sock, _)) => {
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    let mut io = Io::Plain(sock);
+                    if io.register(registry, (self.conn_token)(key)).is_err() {
+                        continue;
+                    }
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    let deadline = now + ADMIN_IDLE;
+                    entry.insert(HttpConn::new(id, io, deadline, self.routes));
+                    out.push((key, id, deadline));
+                }
+                Err(e) => match sys::accept_error(&e) {
+                    sys::AcceptError::WouldBlock => self.accept_ready = false,
+                    sys::AcceptError::Retry => {}
+                    sys::AcceptError::Pause => {
+                        warn!("admin accept failed: {e}");
+                        break; // retried on the next loop turn
+                    }
+                },
+            }
+        }
+        out
+    }
+
+    /// Marks a connection closed; it is removed at [`Self::reap`].
+    pub fn close(&mut self, key: usize) {
+        if let Some(c) = self.conns.get_mut(key) {
+            if !matches!(c.state, State::Closed) {
+                c.state = State::Closed;
+                self.closed.push(key);
+            }
+        }
+    }
+
+    /// Removes the connections closed since the last reap.
+    pub fn reap(&mut self, registry: &Registry) {
+        for key in self.closed.drain(..) {
+            if let Some(mut c) = self.conns.try_remove(key) {
+                c.io.deregister(registry);
+            }
+        }
+    }
+}
+
+/// The admin interface: a [`Front`] with the admin routes, and the ids of
+/// `/update_clusters` requests.
+pub struct Admin {
+    pub front: Front,
+    next_request_id: u64,
+}
+
+impl Admin {
+    pub fn new(listener: TcpListener, addr: SocketAddr, registry: &Registry) -> io::Result<Admin> {
+        let front = Front::new(
+            listener,
+            addr,
+            registry,
+            token::ADMIN_LISTENER,
+            token::admin,
+            &Route::ALL,
+        )?;
+        info!("admin interface listening on {addr}");
+        Ok(Admin {
+            front,
+            next_request_id: 1,
+        })
+    }
+}
+
+impl Proxy {
+    pub(super) fn accept_admin(&mut self) {
+        let now = Instant::now();
+        for (key, id, deadline) in self.admin.front.accept(self.poll.registry(), now) {
+            self.timers.add(deadline, Timer::Admin(key, id));
+        }
+    }
+
+    pub(super) fn admin_event(&mut self, key: usize, ev: Option<&Event>) {
+        let Some(a) = self.admin.front.conns.get_mut(key) else {
+            return;
+        };
+        let step = match ev {
+            Some(ev) => a.on_event(ev),
+            None => a.advance(),
+        };
+        match step {
+            Step::Nothing => {}
+            Step::Close => self.admin.front.close(key),
+            Step::Route(req) => self.admin_route(key, req),
+        }
+    }
+
+    fn admin_respond(&mut self, key: usize, resp: Response) {
+        if let Some(a) = self.admin.front.conns.get_mut(key) {
+            a.respond(&resp);
+            self.admin_event(key, None);
+        }
+    }
+
+    fn admin_route(&mut self, key: usize, req: Request) {
+        let resp = match req.route {
+            Route::Root => Response::text(200, "OK"),
+            Route::Clusters => Response::json(200, self.status_json()),
+            Route::UpdateClusters => {
+                if self.clusters.is_empty() {
+                    Response::text(200, "no clusters configured\n")
+                } else {
+                    return self.start_refresh(key, req.head_only);
+                }
+            }
+        };
+        self.admin_respond(key, resp.head_only(req.head_only));
+    }
+
+    fn start_refresh(&mut self, key: usize, head_only: bool) {
+        let request = self.admin.next_request_id;
+        self.admin.next_request_id += 1;
+        let mut pending = Vec::new();
+        let mut failures = Vec::new();
+        let mut hosts = 1;
+        for (name, c) in self.clusters.iter() {
+            hosts = hosts.max(c.updater.settings.hosts.len() as u32);
+            if c.updater.refresh(request) {
+                pending.push(name.clone());
+            } else {
+                failures.push(format!("{name}: updater not running"));
+            }
+        }
+        // Each host may take api_timeout; the poll may already be under way.
+        let wait = self.config.api_timeout * (hosts * 2) + Duration::from_secs(1);
+        let Some(a) = self.admin.front.conns.get_mut(key) else {
+            return;
+        };
+        a.deadline = Instant::now() + wait;
+        self.timers.add(a.deadline, Timer::Admin(key, a.id));
+        a.state = State::Refreshing {
+            request,
+            pending,
+            failures,
+            head_only,
+        };
+        self.finish_refresh_if_done(key);
+    }
+
+    /// Records the poll answering `requests` for `cluster`.
+    pub(super) fn answer_refreshes(
+        &mut self,
+        cluster: &str,
+        requests: &[u64],
+        failure: Option<&str>,
+    ) {
+        if requests.is_empty() {
+            return;
+        }
+        let mut touched = Vec::new();
+        for (key, a) in self.admin.front.conns.iter_mut() {
+            if let State::Refreshing {
+                request,
+                pending,
+                failures,
+                ..
+            } = &mut a.state
+            {
+                if requests.contains(request) {
+                    pending.retain(|c| c != cluster);
+                    if let Some(e) = failure {
+                        failures.push(format!("{cluster}: {e}"));
+                    }
+                    touched.push(key);
+                }
+            }
+        }
+        for key in touched {
+            self.finish_refresh_if_done(key);
+        }
+    }
+
+    fn finish_refresh_if_done(&mut self, key: usize) {
+        let Some(a) = self.admin.front.conns.get(key) else {
+            return;
+        };
+        let State::Refreshing {
+            pending,
+            failures,
+            head_only,
+            ..
+        } = &a.state
+        else {
+            return;
+        };
+        if !pending.is_empty() {
+            return;
+        }
+        let resp = if failures.is_empty() {
+            Response::text(
+                200,
+                &format!("updated {} cluster(s)\n", self.clusters.len()),
+            )
+        } else {
+            Response::text(503, &format!("update failed for {}\n", failures.join("\n")))
+        };
+        let head_only = *head_only;
+        self.admin_respond(key, resp.head_only(head_only));
+    }
+
+    pub(super) fn admin_deadline(&mut self, key: usize, id: u64, now: Instant) {
+        let Some(a) = self.admin.front.conns.get(key) else {
+            return;
+        };
+        if a.id != id || a.deadline > now {
+            return;
+        }
+        let resp = match &a.state {
+            State::Reading => Response::text(408, "request timeout\n"),
+            State::Refreshing {
+                pending, head_only, ..
+            } => Response::text(
+                503,
+                &format!("timed out waiting for: {}\n", pending.join(", ")),
+            )
+            .head_only(*head_only),
+            // A client that does not read its response: give up on it.
+            State::Writing => return self.admin.front.close(key),
+            State::Closed => return,
+        };
+        // Give the writer one more idle period.
+        if let Some(a) = self.admin.front.conns.get_mut(key) {
+            a.deadline = now + ADMIN_IDLE;
+            self.timers.add(a.deadline, Timer::Admin(key, id));
+        }
+        self.admin_respond(key, resp);
+    }
+}

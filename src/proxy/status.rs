@@ -1,0 +1,219 @@
+//! Read-only status rendering over borrowed views: the `/clusters` JSON
+//! document now, and [`Proxy::stats`] for other renderers (`/metrics`).
+//! Nothing here changes the loop's state.
+
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::listener::Listener;
+use super::stats::{ClusterStats, MemberStats, PortStats, ProxyStats};
+use super::Proxy;
+use crate::topology;
+
+/// A read-only view of the counters, with the gauges counted from the
+/// session table.
+pub struct StatsView<'a> {
+    proxy: &'a Proxy,
+    /// Per listener slab key: (sessions, held).
+    gauges: Vec<(usize, usize)>,
+}
+
+/// One port as a renderer sees it.
+pub struct PortView<'a> {
+    pub cluster: &'a str,
+    pub port: &'a str,
+    pub stats: &'a PortStats,
+    /// Every member the port ever routed to, with its counters.
+    pub members: &'a [MemberStats],
+    /// Open sessions now.
+    pub sessions: usize,
+    /// Of those, held: waiting for a routable member or for a retry.
+    pub held: usize,
+}
+
+impl<'a> StatsView<'a> {
+    pub fn ports(&self) -> impl Iterator<Item = PortView<'a>> + '_ {
+        self.proxy.listeners.iter().map(|(k, l)| {
+            let (sessions, held) = self.gauges.get(k).copied().unwrap_or_default();
+            PortView {
+                cluster: &l.cluster,
+                port: l.port_name(),
+                stats: &l.stats,
+                members: &l.backends.members,
+                sessions,
+                held,
+            }
+        })
+    }
+
+    /// `(cluster, counters)` by cluster name.
+    pub fn clusters(&self) -> impl Iterator<Item = (&'a str, &'a ClusterStats)> + '_ {
+        self.proxy
+            .clusters
+            .iter()
+            .map(|(name, c)| (name.as_str(), &c.stats))
+    }
+
+    pub fn proxy(&self) -> &'a ProxyStats {
+        &self.proxy.stats
+    }
+
+    /// Open sessions, all ports.
+    pub fn sessions(&self) -> usize {
+        self.proxy.live_sessions()
+    }
+}
+
+impl Proxy {
+    /// The counters, read-only.
+    pub(super) fn stats(&self) -> StatsView<'_> {
+        let mut gauges = vec![(0, 0); self.listeners.capacity()];
+        for (_, s) in self.sessions.iter().filter(|(_, s)| !s.is_closed()) {
+            if let Some(g) = gauges.get_mut(s.listener) {
+                g.0 += 1;
+                g.1 += usize::from(s.is_held());
+            }
+        }
+        StatsView {
+            proxy: self,
+            gauges,
+        }
+    }
+
+    /// `GET /clusters`: clusters, members, ports and their backends.
+    pub(super) fn status_json(&self) -> Vec<u8> {
+        let now = Instant::now();
+        let view = self.stats();
+        let mut port_stats: std::collections::HashMap<(&str, &str), Value> = view
+            .ports()
+            .map(|p| ((p.cluster, p.port), render_port_stats(&p)))
+            .collect();
+        let cluster_stats: std::collections::HashMap<&str, &ClusterStats> =
+            view.clusters().collect();
+        let mut clusters = serde_json::Map::new();
+        for (name, c) in self.clusters.iter() {
+            let listeners: Vec<(usize, &Listener)> = self
+                .listeners
+                .iter()
+                .filter(|(_, l)| &l.cluster == name)
+                .collect();
+            let members: Vec<Value> = c
+                .topology
+                .iter()
+                .flat_map(|t| t.members.iter().map(move |m| (t, m)))
+                .map(|(t, m)| {
+                    let mut ports = serde_json::Map::new();
+                    for (_, l) in &listeners {
+                        let v = match topology::eligibility(t, m, &l.filter) {
+                            Ok(addr) => json!({"routable": true, "addr": addr.to_string()}),
+                            Err(x) => json!({"routable": false, "reason": x.to_string()}),
+                        };
+                        ports.insert(l.port_name().to_string(), v);
+                    }
+                    json!({
+                        "name": m.name, "role": m.role.as_str(), "state": m.state,
+                        "host": m.host, "port": m.port, "timeline": m.timeline,
+                        "lag": m.lag, "replay_lag": m.replay_lag, "noloadbalance": m.noloadbalance,
+                        "ports": ports,
+                    })
+                })
+                .collect();
+            let mut ports = serde_json::Map::new();
+            for (lk, l) in &listeners {
+                let (sessions, waiting) = view.gauges.get(*lk).copied().unwrap_or_default();
+                let backends: Vec<Value> = l
+                    .backends
+                    .list
+                    .iter()
+                    .map(|b| {
+                        json!({"member": &*b.member, "addr": b.addr.to_string(), "active": b.active, "draining": b.draining})
+                    })
+                    .collect();
+                ports.insert(
+                    l.port_name().to_string(),
+                    json!({
+                        "listen": l.addr.to_string(),
+                        "roles": l.filter.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+                        "host_port": l.filter.host_port,
+                        "max_lag_in_bytes": l.filter.max_lag_in_bytes,
+                        "backends": backends,
+                        "sessions": sessions,
+                        "waiting": waiting,
+                        "stats": port_stats.remove(&(l.cluster.as_str(), l.port_name())),
+                    }),
+                );
+            }
+            let status = match (c.last_success, c.stale) {
+                (None, _) => "no topology yet",
+                (Some(_), true) => "stale",
+                (Some(_), false) => "ok",
+            };
+            clusters.insert(
+                name.clone(),
+                json!({
+                    "status": status,
+                    "api_host": c.last_host,
+                    "last_success_secs_ago": c.last_success.map(|t| now.duration_since(t).as_secs_f64()),
+                    "last_error": c.last_error,
+                    "scope": c.topology.as_ref().and_then(|t| t.scope.clone()),
+                    "paused": c.topology.as_ref().is_some_and(|t| t.paused),
+                    "leader": c.topology.as_ref().and_then(|t| t.leader()).map(|m| m.name.clone()),
+                    "members": members,
+                    "ports": ports,
+                    "stats": cluster_stats.get(name.as_str()).map(|c| json!({
+                        "polls": c.polls,
+                        "poll_errors": c.poll_errors,
+                        "tls_failures": c.tls_failures,
+                        "leader_changes": c.leader_changes,
+                    })),
+                }),
+            );
+        }
+        let doc = json!({
+            "clusters": clusters,
+            "sessions": view.sessions(),
+            "buffers_in_use": self.pool.in_use(),
+            "buffers_free": self.pool.free(),
+            "pipes_in_use": self.pool.pipes_in_use(),
+            "draining": self.drain_deadline.is_some(),
+            "accept_pauses": view.proxy().accept_pauses,
+            "startup_retries": view.proxy().startup_retries,
+        });
+        let mut out = serde_json::to_vec_pretty(&doc).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+}
+
+/// A port's counters: sessions by outcome, and per member bytes and connects.
+fn render_port_stats(p: &PortView) -> Value {
+    let by_reason = |b: &super::stats::ByReason| -> Value {
+        b.iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (r.as_str().to_string(), json!(n)))
+            .collect::<serde_json::Map<String, Value>>()
+            .into()
+    };
+    let members: serde_json::Map<String, Value> = p
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.member.to_string(),
+                json!({
+                    "bytes_up": m.bytes_up, "bytes_down": m.bytes_down,
+                    "connects": m.connects, "connect_failures": m.connect_failures,
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "accepted": p.stats.accepted,
+        "refused": by_reason(&p.stats.refused),
+        "closed": by_reason(&p.stats.closed),
+        "sessions": p.sessions,
+        "held": p.held,
+        "members": members,
+    })
+}
