@@ -7,7 +7,8 @@
 //!
 //! Dependency direction (nothing points back up):
 //! `main -> {config, proxy}`;
-//! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error}`;
+//! `proxy -> {updater, config, topology, admin, pgwire, signals, notify, error,
+//! access, tls_server}`;
 //! `updater -> {patroni, topology, tls, https}`;
 //! `config -> {topology, error, tls, tls_server, access}`;
 //! `tls_server -> tls`; `https -> tls`; `patroni -> topology`.

@@ -4,6 +4,8 @@
 
 mod util;
 
+/// HTTPS and access rules on the admin listener.
+mod admin_tls;
 /// Command line, `-t`, exit codes and configuration errors.
 mod cli;
 /// Admin interface, SIGHUP reload, SIGTERM drain.

@@ -128,6 +128,9 @@ impl Proxy {
         }
         self.pool.resize(new.buffer_size);
         self.pool.set_splice(new.splice);
+        self.admin
+            .front
+            .configure(new.admin_tls_config.clone(), new.admin_allow.clone());
         if let Some(sock) = admin {
             self.admin
                 .front
