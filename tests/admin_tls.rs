@@ -262,3 +262,57 @@ fn allow_keeps_action_routes_to_trusted_networks() {
     assert!(r.proxy.wait_log("configuration reloaded"));
     assert_eq!(status(&curl(&r, &[], "/update_clusters")), 200);
 }
+
+#[test]
+fn sighup_rotates_the_admin_certificate() {
+    let r = rig("tls: {cert: {cert}, key: {key}}");
+    assert_eq!(status(&curl(&r, &[], "/")), 200);
+    // A new certificate from a new CA, written over the old files.
+    let dir = TempDir::new();
+    let new_ca = Ca::new(&dir.0, "new-ca");
+    let fresh = new_ca.issue("admin2", "IP:127.0.0.1", KeyFormat::Pkcs1);
+    let cfg = std::fs::read_to_string(&r.proxy.config_path).unwrap();
+    let cert = cfg
+        .split("cert: ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap();
+    let key = cfg
+        .split("key: ")
+        .nth(1)
+        .unwrap()
+        .split('}')
+        .next()
+        .unwrap();
+    std::fs::copy(&fresh.cert, cert.trim()).unwrap();
+    std::fs::copy(&fresh.key, key.trim()).unwrap();
+    r.proxy.signal(libc::SIGHUP);
+    assert!(
+        r.proxy.wait_log("configuration reloaded"),
+        "{}",
+        r.proxy.log()
+    );
+    assert_eq!(
+        status(&curl(&r, &[], "/")),
+        0,
+        "the old CA no longer verifies"
+    );
+    let o = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(&new_ca.cert)
+        .arg(format!("https://{}/", r.admin))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200");
+}
