@@ -7,19 +7,25 @@
 //! prefixed by its key path, so an operator fixes a file in one round.
 //!
 //! The `patroni_proxy.yaml` format of the older tool is a subset of this one
-//! and loads unchanged. No I/O here besides reading the file in [`load`].
+//! and loads unchanged, its `tls:` block included. [`parse`] does no I/O;
+//! [`load`] reads the file and then the TLS material it names (see
+//! [`crate::tls`]), so `-t`, start-up and SIGHUP check the same things.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::LevelFilter;
 use serde::Deserialize;
 
+use crate::access::{Allow, Network};
 use crate::config_guard;
 use crate::error::Error;
 use crate::policy::{self, FallbackReturn, LagRules, PortPolicy};
+use crate::tls::{self, ClientMaterial, ClientTlsConfig};
+use crate::tls_server::{self, ServerTlsConfig, ServerTlsHandle};
 use crate::topology::PortRole;
 
 /// Default admin HTTP address, as in the older tool.
@@ -34,7 +40,13 @@ const MAX_SECONDS: f64 = 86_400.0;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub cluster_update_interval: Duration,
+    /// The admin interface's address (`listen_address` or `admin.listen`).
     pub listen_address: SocketAddr,
+    /// `admin.tls` as written; `admin_tls_config` is what [`load`] built.
+    pub admin_tls: Option<ServerTlsConfig>,
+    pub admin_tls_config: Option<ServerTlsHandle>,
+    /// `admin.allow`: networks per route class.
+    pub admin_allow: Allow,
     pub log_level: LevelFilter,
     pub connect_timeout: Duration,
     pub api_timeout: Duration,
@@ -82,6 +94,21 @@ pub struct ClusterConfig {
     pub hosts: Vec<String>,
     /// Sorted by name.
     pub ports: Vec<PortConfig>,
+    /// The `tls:` block as written.
+    pub tls: Option<ClientTlsConfig>,
+    /// What the block names, read and checked by [`load`]; also set when
+    /// a host is https:// without a block (system roots). `None` after
+    /// [`parse`] alone.
+    pub tls_material: Option<Arc<ClientMaterial>>,
+}
+
+impl ClusterConfig {
+    fn uses_https(&self) -> bool {
+        self.hosts.iter().any(|h| {
+            h.get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +128,33 @@ pub struct PortConfig {
 }
 
 impl Config {
+    /// Things that work but that the operator should hear about, logged at
+    /// start-up and on every reload (and printed by `-t`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.clusters {
+            let Some(t) = &c.tls else { continue };
+            if t.skip_verify {
+                out.push(format!(
+                    "clusters.{}.tls.skip_verify: certificate verification is OFF; anyone on \
+                     the path to Patroni can impersonate it and steer clients",
+                    c.name
+                ));
+            }
+            if t.username.is_some()
+                && c.hosts
+                    .iter()
+                    .any(|h| !h.to_ascii_lowercase().starts_with("https://"))
+            {
+                out.push(format!(
+                    "clusters.{}.tls.username: the password is sent over plain http:// to some hosts",
+                    c.name
+                ));
+            }
+        }
+        out
+    }
+
     /// Every listening address in the file, with the port's display name.
     pub fn ports(&self) -> impl Iterator<Item = (&ClusterConfig, &PortConfig)> {
         self.clusters
@@ -131,6 +185,7 @@ pub fn raise_level(level: LevelFilter, by: u8) -> LevelFilter {
 struct RawConfig {
     cluster_update_interval: Option<f64>,
     listen_address: Option<String>,
+    admin: Option<RawAdmin>,
     log_level: Option<String>,
     connect_timeout: Option<f64>,
     api_timeout: Option<f64>,
@@ -155,6 +210,34 @@ struct RawHealth {
     member: Option<String>,
 }
 
+/// The admin listener: where, HTTPS, who may call what.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    tls: Option<RawServerTls>,
+    allow: Option<RawAllow>,
+}
+
+/// A listener's `tls:` block (the knobs patroniglue offers).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerTls {
+    cert: PathBuf,
+    key: Option<PathBuf>,
+    /// `"1.2"` or `"1.3"`; unquoted YAML makes it a number.
+    min_version: Option<serde_yaml::Value>,
+    ciphers: Option<Vec<String>>,
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    read: Option<Vec<String>>,
+    action: Option<Vec<String>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKeepalive {
@@ -169,6 +252,22 @@ struct RawKeepalive {
 struct RawCluster {
     hosts: Vec<String>,
     ports: BTreeMap<String, RawPort>,
+    tls: Option<RawTls>,
+}
+
+/// The older tool's `tls:` block (`ca_cert`, `client_cert`, `client_key`,
+/// `skip_verify`) plus what real deployments need.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: Option<PathBuf>,
+    ca_dir: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    skip_verify: Option<bool>,
+    verify_hostname: Option<bool>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,7 +295,48 @@ pub fn load(path: &Path) -> Result<Config, Error> {
         file: file.clone(),
         problems: vec![format!("cannot read: {e}")],
     })?;
-    parse(&text).map_err(|problems| Error::Config { file, problems })
+    let mut config = parse(&text).map_err(|problems| Error::Config {
+        file: file.clone(),
+        problems,
+    })?;
+    load_tls(&mut config).map_err(|problems| Error::Config { file, problems })?;
+    Ok(config)
+}
+
+/// Builds the admin listener's TLS configuration from its files.
+fn load_admin_tls(config: &mut Config) -> Result<(), Vec<String>> {
+    if let Some(t) = &config.admin_tls {
+        config.admin_tls_config = Some(ServerTlsHandle::new(tls_server::load_server(
+            "admin.tls",
+            t,
+        )?));
+    }
+    Ok(())
+}
+
+/// Reads and checks the TLS material of every cluster that has a `tls:`
+/// block or an https:// host.
+pub fn load_tls(config: &mut Config) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    if let Err(p) = load_admin_tls(config) {
+        problems.extend(p);
+    }
+    for c in &mut config.clusters {
+        let https = c.uses_https();
+        if c.tls.is_none() && !https {
+            continue;
+        }
+        let block = c.tls.clone().unwrap_or_default();
+        match tls::load_client(&format!("clusters.{}.tls", c.name), &block, https) {
+            Ok(m) => c.tls_material = Some(Arc::new(m)),
+            Err(p) => problems.extend(p),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 /// Reads at most one byte more than the cap, so a huge file (or a FIFO that
@@ -262,18 +402,36 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     if interval < Duration::from_millis(100) {
         p.add("cluster_update_interval", "must be at least 0.1 seconds");
     }
-    let listen_address = match parse_listen(
-        raw.listen_address
-            .as_deref()
-            .unwrap_or(DEFAULT_ADMIN_ADDRESS),
+    let (admin_listen, admin_key) = match (
+        &raw.listen_address,
+        raw.admin.as_ref().and_then(|a| a.listen.as_ref()),
     ) {
+        (Some(_), Some(_)) => {
+            p.add(
+                "admin.listen",
+                "listen_address gives the same; keep one of them",
+            );
+            (raw.listen_address.as_deref(), "listen_address")
+        }
+        (Some(l), None) => (Some(l.as_str()), "listen_address"),
+        (None, Some(l)) => (Some(l.as_str()), "admin.listen"),
+        (None, None) => (None, "listen_address"),
+    };
+    let listen_address = match parse_listen(admin_listen.unwrap_or(DEFAULT_ADMIN_ADDRESS)) {
         Ok(a) => a,
         Err(e) => {
-            p.add("listen_address", e);
+            p.add(admin_key, e);
             DEFAULT_ADMIN_ADDRESS
                 .parse()
                 .expect("default admin address parses")
         }
+    };
+    let (admin_tls, admin_allow) = match raw.admin {
+        Some(a) => (
+            a.tls.map(|t| server_tls(&mut p, "admin.tls", t)),
+            allow(&mut p, "admin.allow", a.allow),
+        ),
+        None => (None, Allow::default()),
     };
     let log_level = match raw
         .log_level
@@ -337,6 +495,9 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         Ok(Config {
             cluster_update_interval: interval,
             listen_address,
+            admin_tls,
+            admin_tls_config: None,
+            admin_allow,
             log_level,
             connect_timeout,
             api_timeout,
@@ -354,6 +515,69 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         })
     } else {
         Err(p.0)
+    }
+}
+
+/// A listener's `tls:` block, checked for meaning (the files are read by
+/// [`load`]).
+fn server_tls(p: &mut Problems, path: &str, t: RawServerTls) -> ServerTlsConfig {
+    let tls13_only = match &t.min_version {
+        None => false,
+        Some(v) => {
+            let text = match v {
+                serde_yaml::Value::String(s) => s.clone(),
+                serde_yaml::Value::Number(n) => n.to_string(),
+                other => format!("{other:?}"),
+            };
+            match text.trim().trim_start_matches("TLSv") {
+                "1.2" => false,
+                "1.3" => true,
+                "1" | "1.0" | "1.1" => {
+                    p.add(
+                        &format!("{path}.min_version"),
+                        format!("TLS {text} is not offered (rustls speaks 1.2 and 1.3); expected \"1.2\" or \"1.3\""),
+                    );
+                    false
+                }
+                _ => {
+                    p.add(
+                        &format!("{path}.min_version"),
+                        format!("{text:?}: expected \"1.2\" or \"1.3\""),
+                    );
+                    false
+                }
+            }
+        }
+    };
+    ServerTlsConfig {
+        cert: t.cert,
+        key: t.key,
+        tls13_only,
+        ciphers: t.ciphers.unwrap_or_default(),
+        client_ca: t.client_ca,
+    }
+}
+
+/// An `allow:` block: networks per route class; a missing class is open.
+fn allow(p: &mut Problems, path: &str, raw: Option<RawAllow>) -> Allow {
+    let Some(raw) = raw else {
+        return Allow::default();
+    };
+    let mut list = |class: &str, v: Option<Vec<String>>| {
+        v.map(|nets| {
+            nets.iter()
+                .enumerate()
+                .filter_map(|(i, n)| {
+                    Network::parse(n)
+                        .map_err(|e| p.add(&format!("{path}.{class}[{i}]"), e))
+                        .ok()
+                })
+                .collect()
+        })
+    };
+    Allow {
+        read: list("read", raw.read),
+        action: list("action", raw.action),
     }
 }
 
@@ -453,7 +677,46 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
             max_waiting: rp.max_waiting.map(|n| n as usize),
         });
     }
-    ClusterConfig { name, hosts, ports }
+    let tls = rc.tls.map(|t| {
+        let tp = format!("{path}.tls");
+        if t.skip_verify == Some(true) && t.verify_hostname == Some(false) {
+            p.add(
+                &format!("{tp}.verify_hostname"),
+                "has no effect with skip_verify: true; remove one of them",
+            );
+        }
+        for (key, v) in [
+            ("ca_cert", &t.ca_cert),
+            ("ca_dir", &t.ca_dir),
+            ("client_cert", &t.client_cert),
+            ("client_key", &t.client_key),
+            ("password_file", &t.password_file),
+        ] {
+            if v.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+                p.add(
+                    &format!("{tp}.{key}"),
+                    "is empty; give a path or omit the key",
+                );
+            }
+        }
+        ClientTlsConfig {
+            ca_cert: t.ca_cert,
+            ca_dir: t.ca_dir,
+            client_cert: t.client_cert,
+            client_key: t.client_key,
+            skip_verify: t.skip_verify.unwrap_or(false),
+            verify_hostname: t.verify_hostname.unwrap_or(true),
+            username: t.username,
+            password_file: t.password_file,
+        }
+    });
+    ClusterConfig {
+        name,
+        hosts,
+        ports,
+        tls,
+        tls_material: None,
+    }
 }
 
 /// Role names at `path`, each checked; duplicates are errors.
@@ -598,12 +861,6 @@ fn check_api_url(url: &str) -> Result<String, String> {
     let rest = if let Some(r) = lower.strip_prefix("http://") {
         r
     } else if let Some(r) = lower.strip_prefix("https://") {
-        if !cfg!(feature = "tls") {
-            return Err(format!(
-                "{:?} uses https, but this build has no TLS support (build with --features tls)",
-                config_guard::redact(url)
-            ));
-        }
         r
     } else {
         return Err(format!(
@@ -808,6 +1065,49 @@ mod tests {
         let replicas = &cl.ports[1];
         assert_eq!(replicas.roles, [PortRole::Sync, PortRole::Async]);
         assert_eq!(replicas.max_lag_in_bytes, Some(16_777_216));
+    }
+
+    #[test]
+    fn old_format_tls_block_parses_unchanged() {
+        let c = parse(include_str!("../tests/fixtures/patroni_proxy_tls.yaml")).unwrap();
+        let t = c.clusters[0].tls.as_ref().unwrap();
+        assert_eq!(
+            t.ca_cert.as_deref(),
+            Some(Path::new("/etc/patroni-proxy/ca.pem"))
+        );
+        assert_eq!(
+            t.client_key.as_deref(),
+            Some(Path::new("/etc/patroni-proxy/client.key"))
+        );
+        assert!(!t.skip_verify);
+        assert!(t.verify_hostname, "verification is on by default");
+        assert!(c.clusters[0].tls_material.is_none(), "parse reads no file");
+        let e = errors("clusters:\n  a:\n    hosts: [\"https://x\"]\n    tls: {skip_verify: true, verify_hostname: false}\n    ports:\n      p: {listen: \"127.0.0.1:1\", roles: [leader]}\n");
+        assert_eq!(
+            e,
+            ["clusters.a.tls.verify_hostname: has no effect with skip_verify: true; remove one of them"]
+        );
+    }
+
+    #[test]
+    fn admin_block_gives_listen_tls_and_allow() {
+        let c = parse(
+            "admin:\n  listen: 127.0.0.1:9000\n  tls: {cert: /c.pem, min_version: 1.3, ciphers: [TLS_AES_128_GCM_SHA256]}\n  allow: {action: [127.0.0.0/8, \"::1\"]}\nclusters: {}\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen_address, "127.0.0.1:9000".parse().unwrap());
+        let t = c.admin_tls.unwrap();
+        assert!(t.tls13_only);
+        assert_eq!(t.ciphers, ["TLS_AES_128_GCM_SHA256"]);
+        assert!(c.admin_allow.read.is_none());
+        assert_eq!(c.admin_allow.action.as_ref().unwrap().len(), 2);
+        let e = errors(
+            "listen_address: 127.0.0.1:1\nadmin:\n  listen: 127.0.0.1:2\n  tls: {cert: /c, min_version: \"1.1\"}\n  allow: {read: [10.0.0.1/8]}\nclusters: {}\n",
+        );
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].starts_with("admin.listen: listen_address gives the same"));
+        assert!(e[1].starts_with("admin.tls.min_version: TLS 1.1 is not offered"));
+        assert!(e[2].starts_with("admin.allow.read[0]: \"10.0.0.1/8\" has host bits set"));
     }
 
     #[test]
@@ -1172,6 +1472,8 @@ mod tests {
             name: "a".into(),
             hosts: vec!["http://a:8008".into()],
             ports,
+            tls: None,
+            tls_material: None,
         }];
         let mut p = Problems(Vec::new());
         let started = std::time::Instant::now();

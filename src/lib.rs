@@ -7,23 +7,27 @@
 //!
 //! Dependency direction (nothing points back up):
 //! `main -> {config, proxy}`;
-//! `proxy -> {updater, config, topology, policy, admin, pgwire, signals, notify, error, health, metrics}`;
-//! `updater -> {patroni, topology, dns}`;
-//! `config -> {topology, policy, error, config_guard}`; `policy -> topology`;
+//! `proxy -> {updater, config, topology, policy, admin, pgwire, signals, notify, error,
+//! health, metrics, access, tls_server}`;
+//! `updater -> {patroni, topology, dns, tls, https}`;
+//! `config -> {topology, policy, error, config_guard, tls, tls_server, access}`;
+//! `policy -> topology`; `tls_server -> tls`; `https -> tls`;
 //! `patroni -> topology`; `health -> {topology, patroni}` (patroni in its
 //! tests only).
 //! `topology`, `pgwire`, `admin`, `metrics`, `signals`, `notify`, `error`,
-//! `dns` and `config_guard` depend on nothing of ours. The loop and the updater threads
+//! `dns`, `config_guard`, `tls` and `access` depend on nothing of ours. The loop and the updater threads
 //! share only the message types in `updater`. Every libc call and every
 //! `unsafe` block is in `proxy::sys`.
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod config;
 pub mod config_guard;
 pub mod dns;
 pub mod error;
 pub mod health;
+pub mod https;
 pub mod metrics;
 pub mod notify;
 pub mod patroni;
@@ -31,5 +35,7 @@ pub mod pgwire;
 pub mod policy;
 pub mod proxy;
 pub mod signals;
+pub mod tls;
+pub mod tls_server;
 pub mod topology;
 pub mod updater;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use log::{error, info};
+use log::{error, info, warn};
 use patroni_proxy::config;
 use patroni_proxy::proxy::Proxy;
 
@@ -106,6 +106,9 @@ fn run(args: Args) -> ExitCode {
         }
     };
     if args.test {
+        for w in cfg.warnings() {
+            eprintln!("patroni-proxy: warning: {w}");
+        }
         println!(
             "patroni-proxy: configuration {} is valid",
             args.config.display()
@@ -118,6 +121,9 @@ fn run(args: Args) -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         args.config.display()
     );
+    for w in cfg.warnings() {
+        warn!("{w}");
+    }
     let mut proxy = match Proxy::new(cfg, args.config, args.verbosity) {
         Ok(p) => p,
         Err(e) => {

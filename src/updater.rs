@@ -16,6 +16,12 @@
 //! Hosts are tried in configuration order until one answers with a usable
 //! body; a host that failed is tried after the others for [`HOST_PENALTY`],
 //! so a hung first host does not cost a timeout on every poll.
+//!
+//! HTTPS: ureq with rustls (ring), the roots always given explicitly from
+//! the cluster's [`ClientMaterial`]; hosts with `verify_hostname: false`
+//! go through [`crate::https`] instead, as ureq cannot take a verifier of
+//! our own. A TLS failure is logged once per host and cause (not on every
+//! poll) and counted (`Update::tls_failures`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -27,7 +33,9 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::dns;
+use crate::https;
 use crate::patroni;
+use crate::tls::{self, ClientMaterial};
 use crate::topology::Topology;
 
 /// Poll period while the cluster has no leader or just changed.
@@ -52,6 +60,8 @@ pub struct Update {
     pub requests: Vec<u64>,
     /// How long the poll took, every host tried included.
     pub took: Duration,
+    /// Hosts whose request failed in TLS during this poll.
+    pub tls_failures: u64,
 }
 
 /// A successful poll.
@@ -77,6 +87,23 @@ pub struct Settings {
     pub hosts: Vec<String>,
     pub interval: Duration,
     pub api_timeout: Duration,
+    /// Compared by content: rotated certificates restart the updater.
+    pub tls: Option<Arc<ClientMaterial>>,
+}
+
+/// Why a fetch failed: TLS failures are logged and counted apart.
+enum FetchFailure {
+    Tls(tls::Failure),
+    Other(String),
+}
+
+impl std::fmt::Display for FetchFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchFailure::Tls(t) => write!(f, "TLS: {}", t.words),
+            FetchFailure::Other(s) => f.write_str(s),
+        }
+    }
 }
 
 /// The event loop's wake function (a `mio::Waker` behind a closure).
@@ -139,6 +166,12 @@ struct Worker {
     updates: Sender<Update>,
     wake: Wake,
     agent: ureq::Agent,
+    /// For `verify_hostname: false`: our own rustls configuration.
+    no_hostname: Option<Arc<rustls::ClientConfig>>,
+    /// The TLS failure cause last logged per host (cleared on success).
+    tls_logged: HashMap<String, &'static str>,
+    /// TLS failures of the current poll, sent with its `Update`.
+    tls_failures: u64,
     /// Last topology sent to the loop.
     last: Option<Topology>,
     last_skipped: Vec<String>,
@@ -161,6 +194,7 @@ impl Worker {
         wake: Wake,
     ) -> Worker {
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(tls_config(settings.tls.as_deref()))
             .timeout_global(Some(settings.api_timeout))
             .timeout_connect(Some(settings.api_timeout))
             .http_status_as_error(false)
@@ -170,6 +204,27 @@ impl Worker {
             .user_agent(concat!("patroni-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
+        let no_hostname = settings
+            .tls
+            .as_deref()
+            .filter(|m| !m.verify_hostname && !m.skip_verify)
+            .and_then(|m| match tls::no_hostname_config(m) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    // Only if rustls refuses material the config check passed.
+                    warn!("cluster={cluster} {e}; verifying host names after all");
+                    None
+                }
+            });
+        if let Some(m) = settings.tls.as_deref() {
+            if !m.roots_from.is_empty() {
+                debug!(
+                    "cluster={cluster} TLS: {} trusted CA certificates from {}",
+                    m.roots.len(),
+                    m.roots_from
+                );
+            }
+        }
         Worker {
             id,
             cluster,
@@ -177,6 +232,9 @@ impl Worker {
             updates,
             wake,
             agent,
+            no_hostname,
+            tls_logged: HashMap::new(),
+            tls_failures: 0,
             last: None,
             last_skipped: Vec::new(),
             fast_until: None,
@@ -198,6 +256,7 @@ impl Worker {
                 outcome,
                 requests: std::mem::take(&mut requests),
                 took: started.elapsed(),
+                tls_failures: std::mem::take(&mut self.tls_failures),
             };
             if self.updates.send(update).is_err() {
                 return; // the loop is gone
@@ -249,6 +308,9 @@ impl Worker {
             match self.fetch(&host) {
                 Ok(parsed) => {
                     self.failed_at.remove(&host);
+                    if self.tls_logged.remove(&host).is_some() {
+                        info!("cluster={} host={host} TLS works again", self.cluster);
+                    }
                     if parsed.skipped != self.last_skipped {
                         for s in &parsed.skipped {
                             warn!(
@@ -275,6 +337,16 @@ impl Worker {
                     });
                 }
                 Err(e) => {
+                    if let FetchFailure::Tls(t) = &e {
+                        self.tls_failures += 1;
+                        if self.tls_logged.get(&host) != Some(&t.cause) {
+                            warn!(
+                                "cluster={} host={host} TLS failure: {}",
+                                self.cluster, t.words
+                            );
+                            self.tls_logged.insert(host.clone(), t.cause);
+                        }
+                    }
                     debug!("cluster={} host={host} poll failed: {e}", self.cluster);
                     self.failed_at.insert(host.clone(), Instant::now());
                     errors.push(format!("{host}: {e}"));
@@ -290,20 +362,55 @@ impl Worker {
         Err(msg)
     }
 
-    fn fetch(&self, host: &str) -> Result<patroni::Parsed, String> {
-        let url = format!("{host}/cluster");
-        let mut resp = self.agent.get(&url).call().map_err(|e| e.to_string())?;
-        let status = resp.status();
+    fn fetch(&self, host: &str) -> Result<patroni::Parsed, FetchFailure> {
+        let material = self.settings.tls.as_deref();
+        let authorization = material.and_then(|m| m.authorization.as_ref());
+        let has_cert = material.is_some_and(|m| m.identity.is_some());
+        let https = host
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+        let (status, body) = match (&self.no_hostname, https) {
+            (Some(config), true) => https::get(
+                config.clone(),
+                host,
+                "/cluster",
+                authorization.map(|a| a.expose()),
+                self.settings.api_timeout,
+                MAX_BODY_BYTES,
+            )
+            .map_err(|e| match e {
+                https::FetchError::Tls(t) => FetchFailure::Tls(tls::describe(&t, has_cert)),
+                https::FetchError::Other(s) => FetchFailure::Other(s),
+            })?,
+            _ => {
+                let url = format!("{host}/cluster");
+                let mut req = self.agent.get(&url);
+                if let Some(a) = authorization {
+                    req = req.header("Authorization", a.expose());
+                }
+                let mut resp = req.call().map_err(|e| ureq_failure(e, has_cert))?;
+                let status = resp.status().as_u16();
+                let body = resp
+                    .body_mut()
+                    .with_config()
+                    .limit(MAX_BODY_BYTES)
+                    .read_to_vec()
+                    .map_err(|e| match ureq_failure(e, has_cert) {
+                        FetchFailure::Other(s) => FetchFailure::Other(format!("reading body: {s}")),
+                        tls => tls,
+                    })?;
+                (status, body)
+            }
+        };
         if status != 200 {
-            return Err(format!("HTTP status {}", status.as_u16()));
+            let hint = match status {
+                401 => " (check username and password_file)",
+                403 => " (forbidden: check Patroni's allowlist and client certificate)",
+                _ => "",
+            };
+            return Err(FetchFailure::Other(format!("HTTP status {status}{hint}")));
         }
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_BODY_BYTES)
-            .read_to_vec()
-            .map_err(|e| format!("reading body: {e}"))?;
-        patroni::parse(&body)
+        patroni::parse(&body).map_err(FetchFailure::Other)
     }
 
     /// Fills in `ip` for every member with a host: IP literals (IPv6 with or
@@ -395,5 +502,54 @@ impl Worker {
                 errors.join("; ")
             );
         }
+    }
+}
+
+/// ureq's TLS settings: rustls, roots always explicit (an empty set when
+/// the cluster has no https host, so nothing falls back to ureq's
+/// defaults), the client certificate, `skip_verify`.
+fn tls_config(m: Option<&ClientMaterial>) -> ureq::tls::TlsConfig {
+    let roots: Vec<ureq::tls::Certificate<'static>> = m
+        .map(|m| {
+            m.roots
+                .iter()
+                .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let client_cert = m.and_then(|m| m.identity.as_ref()).and_then(|id| {
+        let chain: Vec<ureq::tls::Certificate<'static>> = id
+            .chain
+            .iter()
+            .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
+        // ureq takes a key as PEM (its key kind type is not public).
+        match ureq::tls::PrivateKey::from_pem(id.key_pem().expose().as_bytes()) {
+            Ok(key) => Some(ureq::tls::ClientCert::new_with_certs(&chain, key)),
+            Err(e) => {
+                warn!("the client key cannot be handed to ureq ({e}); sending no certificate");
+                None
+            }
+        }
+    });
+    ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(tls::provider())
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+        .client_cert(client_cert)
+        .disable_verification(m.is_some_and(|m| m.skip_verify))
+        .build()
+}
+
+/// A ureq error, with the rustls error inside it (if any) put into words.
+fn ureq_failure(e: ureq::Error, has_cert: bool) -> FetchFailure {
+    let inner = match &e {
+        ureq::Error::Rustls(t) => Some(t),
+        ureq::Error::Io(io) => tls::rustls_error(io),
+        _ => None,
+    };
+    match inner {
+        Some(t) => FetchFailure::Tls(tls::describe(t, has_cert)),
+        None => FetchFailure::Other(e.to_string()),
     }
 }

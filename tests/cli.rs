@@ -33,6 +33,19 @@ fn test_flag_accepts_the_old_patroni_proxy_format() {
 }
 
 #[test]
+fn test_flag_reads_the_files_of_the_old_tls_block() {
+    let o = with_config(include_str!("fixtures/patroni_proxy_tls.yaml"), &["-t"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    for key in [
+        "ca_cert: /etc/patroni-proxy/ca.pem",
+        "client_cert: /etc/patroni-proxy/client.pem",
+    ] {
+        let want = format!("clusters.my_cluster.tls.{key}: no such file");
+        assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+    }
+}
+
+#[test]
 fn config_errors_exit_2_naming_the_key() {
     let o = with_config(
         "clusters:\n  main:\n    hosts: [\"http://a:8008\"]\n    ports:\n      rw: {listen: \"127.0.0.1:6432\", roles: [leeder]}\n",
@@ -166,6 +179,36 @@ fn example_config_is_valid_and_every_key_and_route_is_documented() {
         );
     }
     assert!(keys >= 20, "{keys} keys found in the example");
+    // The keys of the blocks the example has commented out (they name
+    // files), from the list serde gives for an unknown key.
+    for (yaml, at_least) in [
+        (
+            "clusters:\n  a:\n    hosts: [\"https://x\"]\n    tls: {nope: 1}\n    ports: {}\n",
+            8,
+        ),
+        ("admin: {nope: 1}\nclusters: {}\n", 3),
+        ("admin: {tls: {nope: 1}}\nclusters: {}\n", 5),
+        ("admin: {allow: {nope: 1}}\nclusters: {}\n", 2),
+    ] {
+        let err = stderr(&with_config(yaml, &["-t"]));
+        let listed = err.split_once("expected ").expect("a list of keys").1;
+        let keys: Vec<&str> = listed.split('`').skip(1).step_by(2).collect();
+        assert!(keys.len() >= at_least, "{err}");
+        for key in keys {
+            assert!(
+                man5.contains(&format!(".B {key}\n")),
+                "key {key} is not documented in man/patroni-proxy.5"
+            );
+            let commented = |l: &str| {
+                let l = l.trim_start().strip_prefix('#').unwrap_or("").trim_start();
+                l.starts_with(&format!("{key}:"))
+            };
+            assert!(
+                text.lines().any(commented),
+                "key {key} is not in the example"
+            );
+        }
+    }
     let man1 = std::fs::read_to_string(format!("{root}/man/patroni-proxy.1")).unwrap();
     for (path, _) in patroni_proxy::admin::Route::ALL {
         assert!(

@@ -4,6 +4,8 @@
 
 mod util;
 
+/// HTTPS and access rules on the admin listener.
+mod admin_tls;
 /// packaging/patroni-proxy-callback, the Patroni callback.
 mod callback;
 /// Command line, `-t`, exit codes and configuration errors.
@@ -21,6 +23,8 @@ mod metrics;
 mod policy;
 /// Role routing, balancing and eligibility rules, with real Patroni answers.
 mod routing;
+/// HTTPS to Patroni: CA, client certificates, verification modes, rotation.
+mod tls;
 /// Bytes on the wire: large transfers, half-close, concurrency, connect
 /// failures and timeouts, connection and file-descriptor limits.
 mod transport;

@@ -11,6 +11,10 @@
 //! PostgreSQL protocol (`tests/pg`) and ask `pg_is_in_recovery(),
 //! inet_server_port()` to learn where they landed. Lines starting with
 //! `REPORT` are the figures the suite records (failover timings, pgbench).
+//!
+//! The `tls_` scenarios need the cluster started with `CLUSTER_TLS=1` (REST
+//! API over HTTPS only, `verify_client: required`); `tests/cluster/run`
+//! runs them on a cluster of their own and skips them on the plain one.
 
 #[path = "util/mod.rs"]
 mod util;
@@ -52,6 +56,15 @@ struct Cluster {
     script: PathBuf,
     /// The cluster's state directory.
     state: PathBuf,
+    /// With `CLUSTER_TLS=1`: the cluster's CA and a client certificate.
+    tls: Option<ClusterTls>,
+}
+
+struct ClusterTls {
+    ca: PathBuf,
+    ca_key: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 fn script() -> PathBuf {
@@ -95,18 +108,43 @@ fn cluster() -> Cluster {
             }
         })
         .collect();
+    let tls = env.contains("TLS_CA=").then(|| ClusterTls {
+        ca: get("TLS_CA").into(),
+        ca_key: get("TLS_CA_KEY").into(),
+        cert: get("TLS_CERT").into(),
+        key: get("TLS_KEY").into(),
+    });
     Cluster {
         version: get("PATRONI_VERSION"),
         nodes,
         patronictl: get("PATRONICTL"),
         script: script(),
         state: get("STATE").into(),
+        tls,
     }
 }
 
 impl Cluster {
     /// `/cluster` from the first member that answers.
     fn topology(&self) -> Option<Value> {
+        if let Some(t) = &self.tls {
+            return self.nodes.iter().find_map(|n| {
+                let out = Command::new("curl")
+                    .args(["-sf", "--max-time", "2", "--cacert"])
+                    .arg(&t.ca)
+                    .arg("--cert")
+                    .arg(&t.cert)
+                    .arg("--key")
+                    .arg(&t.key)
+                    .arg(format!("{}/cluster", n.api))
+                    .output()
+                    .ok()?;
+                out.status
+                    .success()
+                    .then(|| serde_json::from_slice(&out.stdout).ok())
+                    .flatten()
+            });
+        }
         self.nodes.iter().find_map(|n| {
             let addr = n.api.trim_start_matches("http://").parse().ok()?;
             let (code, body) = http_get(addr, "/cluster").ok()?;
@@ -1288,4 +1326,162 @@ fn m_switchover_with_many_open_sessions() {
         "any sessions on members not restarted survive"
     );
     assert_eq!(rw_alive, 0, "rw sessions on the old leader are closed");
+}
+
+// ---- HTTPS-only REST API with verify_client: required ------------------------
+
+/// The cluster, which must have been started with `CLUSTER_TLS=1`.
+fn tls_cluster() -> Cluster {
+    let c = cluster();
+    assert!(
+        c.tls.is_some(),
+        "the tls_ scenarios need the cluster started with CLUSTER_TLS=1 (tests/cluster/run does)"
+    );
+    assert!(c.nodes.iter().all(|n| n.api.starts_with("https://")));
+    c
+}
+
+/// A proxy with rw (leader) and ro (replicas) ports, the cluster's https
+/// hosts and `tls` as the cluster's `tls:` block (YAML lines).
+fn tls_proxy(c: &Cluster, tls: &str) -> (Proxy, SocketAddr, SocketAddr) {
+    let [rw, ro] = [0; 2].map(|_| free_port());
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let ports = format!(
+        "rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader], backend_wait_timeout: 40}}\n\
+         ro: {{listen: \"127.0.0.1:{ro}\", roles: [sync, async]}}"
+    );
+    let block: String = tls.lines().map(|l| format!("      {l}\n")).collect();
+    let cfg = util::config(free_port(), &hosts, &ports, "")
+        .replace(
+            "cluster_update_interval: 0.2",
+            &format!("cluster_update_interval: {INTERVAL}"),
+        )
+        .replace("    ports:\n", &format!("    tls:\n{block}    ports:\n"));
+    let proxy = Proxy::start(&cfg);
+    let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
+    (proxy, a(rw), a(ro))
+}
+
+fn tls_block(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> String {
+    format!(
+        "ca_cert: {}\nclient_cert: {}\nclient_key: {}\n",
+        ca.display(),
+        cert.display(),
+        key.display()
+    )
+}
+
+#[test]
+#[ignore = "needs a real cluster with CLUSTER_TLS=1: tests/cluster/run"]
+fn tls_a_routing_switchover_and_client_certificate_rotation() {
+    let c = tls_cluster();
+    let t = c.tls.as_ref().unwrap();
+    // The client certificate in files of our own, to rotate them.
+    let dir = util::TempDir::new();
+    let (cert, key) = (dir.0.join("client.pem"), dir.0.join("client.key"));
+    std::fs::copy(&t.cert, &cert).unwrap();
+    std::fs::copy(&t.key, &key).unwrap();
+    let (proxy, rw, ro) = tls_proxy(&c, &tls_block(&t.ca, &cert, &key));
+    let leader = c.leader();
+    proxy.wait_backends("main", "rw", &[leader.name.as_str()]);
+    assert_eq!(whereami(rw, CONNECT).unwrap(), (false, leader.pg.port()));
+    assert!(wait_until(Duration::from_secs(20), || proxy
+        .backends("main", "ro")
+        .len()
+        == c.nodes.len() - 1));
+    assert!(whereami(ro, CONNECT).unwrap().0, "ro reaches a replica");
+
+    // A switchover (patronictl over HTTPS with the ctl: certificates).
+    let old = leader.name.clone();
+    let candidate = c.replicas()[0].name.clone();
+    c.switchover(&old, &candidate);
+    let (new_name, _) = c.wait_new_leader(&old, Duration::from_secs(60));
+    let new_port = c.node(&new_name).pg.port();
+    let followed = wait_until(Duration::from_secs(30), || {
+        whereami(rw, Duration::from_secs(5)).is_ok_and(|w| w == (false, new_port))
+    });
+    assert!(followed, "rw never reached the new leader {new_name}");
+    report(
+        "tls",
+        format!("switchover followed over HTTPS to {new_name}"),
+    );
+
+    // Rotation: a new client key and certificate from the cluster's CA, in
+    // place, then SIGHUP.
+    let ca = util::certs::Ca::existing(&dir.0, &t.ca, &t.ca_key);
+    let fresh = ca.issue("client2", "", util::certs::KeyFormat::Sec1);
+    std::fs::copy(&fresh.cert, &cert).unwrap();
+    std::fs::copy(&fresh.key, &key).unwrap();
+    let reloads = proxy.log().matches("configuration reloaded").count();
+    proxy.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || proxy
+        .log()
+        .matches("configuration reloaded")
+        .count()
+        > reloads));
+    let fails = proxy.status()["clusters"]["main"]["stats"]["tls_failures"].clone();
+    thread::sleep(Duration::from_secs_f64(INTERVAL * 3.0));
+    let s = proxy.status();
+    assert!(s["clusters"]["main"]["last_error"].is_null(), "{s}");
+    assert_eq!(s["clusters"]["main"]["stats"]["tls_failures"], fails, "{s}");
+    assert_eq!(whereami(rw, CONNECT).unwrap(), (false, new_port));
+    c.run(&["wait"]);
+}
+
+#[test]
+#[ignore = "needs a real cluster with CLUSTER_TLS=1: tests/cluster/run"]
+fn tls_b_refusals_skip_verify_and_ca_rotation() {
+    let c = tls_cluster();
+    let t = c.tls.as_ref().unwrap();
+    let dir = util::TempDir::new();
+    let stranger = util::certs::Ca::new(&dir.0, "stranger");
+    let leader = c.leader().name.clone();
+
+    // A CA file that trusts someone else: refused, logged once per host.
+    let trusted = dir.0.join("trusted.pem");
+    std::fs::copy(&stranger.cert, &trusted).unwrap();
+    let (proxy, rw, _) = tls_proxy(&c, &tls_block(&trusted, &t.cert, &t.key));
+    assert!(
+        proxy.wait_log("TLS failure: unknown issuer"),
+        "{}",
+        proxy.log()
+    );
+    thread::sleep(Duration::from_secs_f64(INTERVAL * 3.0));
+    assert!(proxy.backends("main", "rw").is_empty());
+    let log = proxy.log();
+    for n in &c.nodes {
+        let line = format!("host={} TLS failure: unknown issuer", n.api);
+        assert!(log.matches(&line).count() <= 1, "{log}");
+    }
+    assert!(proxy.status()["clusters"]["main"]["stats"]["tls_failures"].as_u64() > Some(1));
+
+    // Rotation of the trust: the right CA in the same file, SIGHUP.
+    std::fs::copy(&t.ca, &trusted).unwrap();
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_backends("main", "rw", &[leader.as_str()]);
+    assert!(!whereami(rw, CONNECT).unwrap().0);
+    drop(proxy);
+
+    // No client certificate: Patroni refuses the handshake.
+    let (proxy, _, _) = tls_proxy(&c, &format!("ca_cert: {}\n", t.ca.display()));
+    let refused = wait_until(Duration::from_secs(15), || {
+        proxy.log().lines().any(|l| {
+            l.contains("TLS failure:") && l.contains("client certificate") && l.contains("was sent")
+        })
+    });
+    assert!(refused, "{}", proxy.log());
+    assert!(proxy.backends("main", "rw").is_empty());
+    drop(proxy);
+
+    // skip_verify: the stranger CA does not matter, with a warning.
+    let block = format!(
+        "{}skip_verify: true\n",
+        tls_block(&stranger.cert, &t.cert, &t.key)
+    );
+    let (proxy, rw, _) = tls_proxy(&c, &block);
+    proxy.wait_backends("main", "rw", &[leader.as_str()]);
+    assert!(!whereami(rw, CONNECT).unwrap().0);
+    assert!(proxy
+        .log()
+        .contains("clusters.main.tls.skip_verify: certificate verification is OFF"));
 }

@@ -5,15 +5,17 @@
 //! listener with its connections and its own route table, and an
 //! [`HttpConn`] reads one request head, waits for the answer (which may take
 //! a Patroni poll for `/update_clusters`), writes the response and closes.
-//! Its socket is behind [`Io`], so a TLS stream can take its place. Same
-//! edge-triggered rules as sessions: read and write until `WouldBlock`,
-//! never assume an event means progress.
+//! Its socket is behind [`Io`]: plain, or TLS (`admin.tls`, rustls driven
+//! by the loop's events, see `crate::tls_server`). Same edge-triggered
+//! rules as sessions: read and write until `WouldBlock`, never assume an
+//! event means progress. Who may call which route is the listener's
+//! `allow` (read routes / action routes, `crate::access`).
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
@@ -22,7 +24,9 @@ use slab::Slab;
 use super::sys;
 use super::timer::Timer;
 use super::{token, Proxy};
+use crate::access::{Allow, RouteClass};
 use crate::admin::{self, Parse, Request, Response, Route};
+use crate::tls_server::{ServerTlsHandle, TlsStream};
 
 /// Admin connections must send their request within this.
 pub const ADMIN_IDLE: Duration = Duration::from_secs(5);
@@ -38,22 +42,48 @@ pub const ACCEPT_BATCH: usize = 256;
 const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(100);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
+/// The class of a route: action routes change something.
+pub fn route_class(route: Route) -> RouteClass {
+    match route {
+        Route::UpdateClusters => RouteClass::Action,
+        Route::Root | Route::Clusters | Route::Metrics | Route::Health | Route::Check => {
+            RouteClass::Read
+        }
+    }
+}
+
 /// The socket of an HTTP connection.
 pub enum Io {
     Plain(TcpStream),
+    Tls(TcpStream, Box<TlsStream>),
 }
 
 impl Io {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Io::Plain(s) => s.read(buf),
+            Io::Tls(s, t) => t.read(s, buf),
         }
     }
 
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Io::Plain(s) => s.write(buf),
+            Io::Tls(s, t) => t.write(s, buf),
         }
+    }
+
+    /// True when everything written is on the wire (TLS may hold
+    /// encrypted bytes the socket did not take yet).
+    fn flushed(&mut self) -> io::Result<bool> {
+        match self {
+            Io::Plain(_) => Ok(true),
+            Io::Tls(s, t) => t.flush(s),
+        }
+    }
+
+    fn is_handshaking(&self) -> bool {
+        matches!(self, Io::Tls(_, t) if t.is_handshaking())
     }
 
     fn shutdown(&mut self) {
@@ -61,24 +91,30 @@ impl Io {
             Io::Plain(s) => {
                 let _ = s.shutdown(Shutdown::Write);
             }
+            Io::Tls(s, t) => {
+                t.close(s);
+                let _ = s.shutdown(Shutdown::Write);
+            }
         }
     }
 
     fn register(&mut self, registry: &Registry, tok: Token) -> io::Result<()> {
         match self {
-            Io::Plain(s) => registry.register(s, tok, Interest::READABLE | Interest::WRITABLE),
+            Io::Plain(s) | Io::Tls(s, _) => {
+                registry.register(s, tok, Interest::READABLE | Interest::WRITABLE)
+            }
         }
     }
 
     fn local_addr(&self) -> Option<SocketAddr> {
         match self {
-            Io::Plain(s) => s.local_addr().ok(),
+            Io::Plain(s) | Io::Tls(s, _) => s.local_addr().ok(),
         }
     }
 
     fn deregister(&mut self, registry: &Registry) {
         match self {
-            Io::Plain(s) => {
+            Io::Plain(s) | Io::Tls(s, _) => {
                 let _ = registry.deregister(s);
             }
         }
@@ -105,6 +141,8 @@ pub enum State {
 /// One HTTP connection.
 pub struct HttpConn {
     pub id: u64,
+    /// The client's address, for `allow`.
+    pub peer: IpAddr,
     io: Io,
     pub state: State,
     /// Idle deadline while reading, poll deadline while refreshing.
@@ -128,12 +166,14 @@ pub enum Step {
 impl HttpConn {
     pub fn new(
         id: u64,
+        peer: IpAddr,
         io: Io,
         deadline: Instant,
         routes: &'static [(&'static str, Route)],
     ) -> HttpConn {
         HttpConn {
             id,
+            peer,
             io,
             state: State::Reading,
             deadline,
@@ -187,7 +227,12 @@ impl HttpConn {
                 Err(e) => match sys::classify(&e) {
                     sys::IoError::WouldBlock => self.readable = false,
                     sys::IoError::Interrupted => {}
-                    sys::IoError::Failed => return Step::Close,
+                    sys::IoError::Failed => {
+                        if matches!(self.io, Io::Tls(..)) {
+                            debug!("admin connection from {}: TLS: {e}", self.peer);
+                        }
+                        return Step::Close;
+                    }
                 },
             }
         }
@@ -201,6 +246,11 @@ impl HttpConn {
 
     pub fn is_writing(&self) -> bool {
         matches!(self.state, State::Writing)
+    }
+
+    /// Still in the TLS handshake.
+    pub fn is_handshaking(&self) -> bool {
+        self.io.is_handshaking()
     }
 
     /// Queues `resp` for writing (the caller then calls [`Self::advance`]).
@@ -223,6 +273,14 @@ impl HttpConn {
             }
         }
         if self.written == self.output.len() {
+            match self.io.flushed() {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.writable = false;
+                    return Step::Nothing;
+                }
+                Err(_) => return Step::Close,
+            }
             // All sent: FIN, then close at reap.
             self.io.shutdown();
             return Step::Close;
@@ -241,6 +299,10 @@ pub struct Front {
     listener_token: Token,
     conn_token: fn(usize) -> Token,
     routes: &'static [(&'static str, Route)],
+    /// HTTPS: accepted sockets are wrapped in TLS with this.
+    tls: Option<ServerTlsHandle>,
+    /// Who may call which class of routes.
+    pub allow: Allow,
     /// The kernel said there are connections to accept.
     pub accept_ready: bool,
     pub conns: Slab<HttpConn>,
@@ -281,6 +343,8 @@ impl Front {
             listener_token,
             conn_token,
             routes,
+            tls: None,
+            allow: Allow::default(),
             accept_ready: false,
             conns: Slab::new(),
             closed: Vec::new(),
@@ -289,6 +353,13 @@ impl Front {
             backoff: ACCEPT_PAUSE_MIN,
             evicted: 0,
         })
+    }
+
+    /// Sets HTTPS and the access rules (at start-up and on reload; open
+    /// connections keep what they started with).
+    pub fn configure(&mut self, tls: Option<ServerTlsHandle>, allow: Allow) {
+        self.tls = tls;
+        self.allow = allow;
     }
 
     /// Swaps in a new listening socket (reload moved the address).
@@ -315,18 +386,27 @@ impl Front {
         }
         loop {
             match self.listener.accept() {
-                Ok((sock, _)) => {
+                Ok((sock, peer)) => {
                     self.backoff = ACCEPT_PAUSE_MIN;
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
-                    let mut io = Io::Plain(sock);
+                    let mut io = match &self.tls {
+                        None => Io::Plain(sock),
+                        Some(t) => match TlsStream::new(t.0.clone()) {
+                            Ok(stream) => Io::Tls(sock, Box::new(stream)),
+                            Err(e) => {
+                                warn!("admin: cannot start TLS for {peer}: {e}");
+                                continue;
+                            }
+                        },
+                    };
                     if io.register(registry, (self.conn_token)(key)).is_err() {
                         continue;
                     }
                     let id = self.next_id;
                     self.next_id += 1;
                     let deadline = now + ADMIN_IDLE;
-                    let mut conn = HttpConn::new(id, io, deadline, self.routes);
+                    let mut conn = HttpConn::new(id, peer.ip(), io, deadline, self.routes);
                     // The request is usually there already: read at once.
                     conn.readable = true;
                     entry.insert(conn);
@@ -481,6 +561,18 @@ impl Proxy {
     }
 
     fn admin_route(&mut self, key: usize, req: Request) {
+        let Some(peer) = self.admin.front.conns.get(key).map(|a| a.peer) else {
+            return;
+        };
+        let class = route_class(req.route);
+        if !self.admin.front.allow.allows(class, peer) {
+            info!(
+                "admin: {:?} route refused to {peer} (admin.allow)",
+                req.route
+            );
+            let resp = Response::text(403, "forbidden by admin.allow\n");
+            return self.admin_respond(key, resp.head_only(req.head_only));
+        }
         let resp = match req.route {
             Route::Root => Response::text(200, "OK"),
             Route::Clusters => Response::json(200, self.status_json()),
@@ -598,6 +690,8 @@ impl Proxy {
             return;
         }
         let resp = match &a.state {
+            // A TLS client that never finished its handshake gets no answer.
+            State::Reading if a.is_handshaking() => return self.admin.front.close(key),
             State::Reading => Response::text(408, "request timeout\n"),
             State::Refreshing {
                 pending, head_only, ..

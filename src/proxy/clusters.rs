@@ -56,6 +56,7 @@ pub fn settings(config: &Config, cluster: &ClusterConfig) -> updater::Settings {
         hosts: cluster.hosts.clone(),
         interval: config.cluster_update_interval,
         api_timeout: config.api_timeout,
+        tls: cluster.tls_material.clone(),
     }
 }
 
@@ -220,6 +221,7 @@ impl Clusters {
         updater: u64,
         outcome: std::result::Result<updater::Polled, String>,
         took: Duration,
+        tls_failures: u64,
         now: Instant,
     ) -> bool {
         let Some(c) = self.map.get_mut(cluster) else {
@@ -230,6 +232,7 @@ impl Clusters {
         }
         c.stats.polls += 1;
         c.stats.poll_duration.observe(took.as_secs_f64());
+        c.stats.tls_failures += tls_failures;
         let polled = match outcome {
             Err(e) => {
                 c.stats.poll_errors += 1;
@@ -313,9 +316,14 @@ impl Proxy {
     pub(super) fn drain_updates(&mut self) {
         while let Some(u) = self.clusters.next_update() {
             let failure = u.outcome.as_ref().err().cloned();
-            let changed =
-                self.clusters
-                    .apply(&u.cluster, u.updater, u.outcome, u.took, Instant::now());
+            let changed = self.clusters.apply(
+                &u.cluster,
+                u.updater,
+                u.outcome,
+                u.took,
+                u.tls_failures,
+                Instant::now(),
+            );
             if failure.is_none() {
                 // Every successful poll counts for the lag rules.
                 self.observe_poll(&u.cluster, changed);

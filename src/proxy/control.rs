@@ -197,8 +197,14 @@ impl Proxy {
 
         // Commit.
         log::set_max_level(config::raise_level(new.log_level, self.verbosity));
+        for w in new.warnings() {
+            warn!("{w}");
+        }
         self.pool.resize(new.buffer_size);
         self.pool.set_splice(new.splice);
+        self.admin
+            .front
+            .configure(new.admin_tls_config.clone(), new.admin_allow.clone());
         if let Some(sock) = admin {
             self.admin
                 .front

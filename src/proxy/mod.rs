@@ -116,9 +116,18 @@ impl Proxy {
             .register(signals.source(), token::SIGNALS, Interest::READABLE)
             .map_err(|e| Error::io("registering the signal pipe", e))?;
         let admin_listener = bind(config.listen_address, config.listen_backlog)?;
-        let admin = Admin::new(admin_listener, config.listen_address, poll.registry())
+        let mut admin = Admin::new(admin_listener, config.listen_address, poll.registry())
             .map_err(|e| Error::io("registering the admin listener", e))?;
         let health = Health::new(&config.health, config.listen_backlog, poll.registry())?;
+        admin
+            .front
+            .configure(config.admin_tls_config.clone(), config.admin_allow.clone());
+        if config.admin_tls_config.is_some() {
+            info!(
+                "admin interface on {} serves HTTPS only",
+                config.listen_address
+            );
+        }
 
         let mut pool = Pool::new(config.buffer_size, POOL_KEEP);
         pool.set_splice(config.splice);

@@ -262,6 +262,8 @@ pub struct ClusterStats {
     pub poll_errors_by: [u64; PollError::ALL.len()],
     /// How long polls took (seconds), every host tried included.
     pub poll_duration: Histogram,
+    /// Host requests that failed in TLS (a poll may count several).
+    pub tls_failures: u64,
     /// Times the leader became a member other than the last one known.
     pub leader_changes: u64,
 }
@@ -273,6 +275,7 @@ impl Default for ClusterStats {
             poll_errors: 0,
             poll_errors_by: [0; PollError::ALL.len()],
             poll_duration: Histogram::new(POLL_BUCKETS),
+            tls_failures: 0,
             leader_changes: 0,
         }
     }

@@ -216,6 +216,7 @@ impl Proxy {
                     "stats": cluster_stats.get(name.as_str()).map(|c| json!({
                         "polls": c.polls,
                         "poll_errors": c.poll_errors,
+                        "tls_failures": c.tls_failures,
                         "leader_changes": c.leader_changes,
                     })),
                 }),

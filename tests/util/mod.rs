@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod certs;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_patroni-proxy");
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes.
@@ -422,12 +424,31 @@ impl Proxy {
     }
 
     pub fn start_with(config: &str, tweak: impl FnOnce(&mut Command)) -> Proxy {
+        let p = Proxy::spawn(config, admin_address(config), tweak);
+        let up = wait_until(Duration::from_secs(10), || {
+            p.get("/").map(|r| r.0 == 200).unwrap_or(false)
+        });
+        assert!(up, "proxy did not come up; log:\n{}", p.log());
+        p
+    }
+
+    /// Starts the proxy with its admin interface on `admin` (which may be
+    /// HTTPS or closed to us) and waits until it listens there.
+    pub fn start_admin(config: &str, admin: SocketAddr) -> Proxy {
+        let p = Proxy::spawn(config, admin, |_| {});
+        let up = wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(admin).is_ok()
+        });
+        assert!(up, "proxy did not come up; log:\n{}", p.log());
+        p
+    }
+
+    fn spawn(config: &str, admin: SocketAddr, tweak: impl FnOnce(&mut Command)) -> Proxy {
         let dir = TempDir::new();
         let config_path = dir.0.join("patroni-proxy.yaml");
         std::fs::write(&config_path, config).unwrap();
         let log_path = dir.0.join("proxy.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let admin = admin_address(config);
         let mut cmd = Command::new(BIN);
         cmd.arg("-v")
             .arg(&config_path)
@@ -436,18 +457,13 @@ impl Proxy {
             .stderr(log);
         tweak(&mut cmd);
         let child = cmd.spawn().expect("spawn patroni-proxy");
-        let p = Proxy {
+        Proxy {
             child,
             dir,
             admin,
             config_path,
             log_path,
-        };
-        let up = wait_until(Duration::from_secs(10), || {
-            p.get("/").map(|r| r.0 == 200).unwrap_or(false)
-        });
-        assert!(up, "proxy did not come up; log:\n{}", p.log());
-        p
+        }
     }
 
     pub fn pid(&self) -> i32 {
