@@ -77,6 +77,12 @@ pub struct HealthConfig {
     pub agent_listen: Option<SocketAddr>,
     /// `(cluster, member)` that `GET /<endpoint>` answers for.
     pub member: Option<(String, String)>,
+    /// `health.tls` as written; `tls_config` is what [`load`] built. The
+    /// agent port stays plain TCP (HAProxy's agent-check has no TLS).
+    pub tls: Option<ServerTlsConfig>,
+    pub tls_config: Option<ServerTlsHandle>,
+    /// Who may ask (every health route is a read route).
+    pub allow: Allow,
 }
 
 /// TCP keepalive probes, set on client and backend sockets.
@@ -208,6 +214,8 @@ struct RawHealth {
     listen: Option<String>,
     agent_listen: Option<String>,
     member: Option<String>,
+    tls: Option<RawServerTls>,
+    allow: Option<RawAllow>,
 }
 
 /// The admin listener: where, HTTPS, who may call what.
@@ -303,15 +311,27 @@ pub fn load(path: &Path) -> Result<Config, Error> {
     Ok(config)
 }
 
-/// Builds the admin listener's TLS configuration from its files.
+/// Builds the admin and health listeners' TLS configurations from their
+/// files.
 fn load_admin_tls(config: &mut Config) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
     if let Some(t) = &config.admin_tls {
-        config.admin_tls_config = Some(ServerTlsHandle::new(tls_server::load_server(
-            "admin.tls",
-            t,
-        )?));
+        match tls_server::load_server("admin.tls", t) {
+            Ok(c) => config.admin_tls_config = Some(ServerTlsHandle::new(c)),
+            Err(p) => problems.extend(p),
+        }
     }
-    Ok(())
+    if let Some(t) = &config.health.tls {
+        match tls_server::load_server("health.tls", t) {
+            Ok(c) => config.health.tls_config = Some(ServerTlsHandle::new(c)),
+            Err(p) => problems.extend(p),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 /// Reads and checks the TLS material of every cluster that has a `tls:`
@@ -998,10 +1018,24 @@ fn health(
             None
         }
     });
+    let tls = raw.tls.map(|t| server_tls(p, "health.tls", t));
+    if raw.allow.as_ref().is_some_and(|a| a.action.is_some()) {
+        p.add(
+            "health.allow.action",
+            "the health listener serves only read routes; use health.allow.read",
+        );
+    }
+    let allow = allow(p, "health.allow", raw.allow);
+    if tls.is_some() && listen.is_none() {
+        p.add("health.tls", "needs health.listen");
+    }
     HealthConfig {
         listen,
         agent_listen,
         member,
+        tls,
+        tls_config: None,
+        allow,
     }
 }
 

@@ -336,3 +336,76 @@ fn reload_adds_moves_and_removes_the_health_listeners() {
     .is_err()
         && TcpStream::connect(a(ag)).is_err()));
 }
+
+/// HTTPS on the health listener (the same `tls:` keys as the admin
+/// listener), judged by curl; plain HTTP gets no answer there; and
+/// `health.allow.read` refuses a caller outside its networks with 403.
+#[test]
+fn health_listener_serves_https_and_keeps_to_its_allow_list() {
+    use crate::util::certs::{Ca, KeyFormat};
+    use std::process::Command;
+
+    let dir = util::TempDir::new();
+    let ca = Ca::new(&dir.0, "ca");
+    let server = ca.issue("health", "IP:127.0.0.1", KeyFormat::Pkcs8);
+    let mock = MockPatroni::start(&util::fixture("patroni-4.1.5/sync_on.json", &addrs()));
+    let (admin, health, rw) = (free_port(), free_port(), free_port());
+    let ports = format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}");
+    let section = |extra: &str| {
+        format!(
+            "health:\n  listen: \"127.0.0.1:{health}\"\n  tls: {{cert: \"{}\", key: \"{}\", min_version: \"1.3\"}}\n{extra}",
+            server.cert.display(),
+            server.key.display()
+        )
+    };
+    let cfg = util::config(admin, &[mock.url()], &ports, &section(""));
+    let proxy = Proxy::start(&cfg);
+    let curl = |path: &str| -> String {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .arg("--cacert")
+            .arg(&ca.cert)
+            .arg(format!("https://127.0.0.1:{health}{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || curl("/main/node1/primary")
+            == "200"),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(curl("/main/node1/replica"), "503");
+    assert_eq!(curl("/main/nobody/primary"), "503");
+    // Plain HTTP on the TLS port: no HTTP answer.
+    assert!(
+        !util::http_request(local_addr(health), "GET", "/main/node1/primary", "HTTP/1.0")
+            .is_ok_and(|(code, _)| code == 200)
+    );
+    drop(proxy);
+
+    // Reading only from 10.0.0.0/8: this loopback caller is refused.
+    let cfg = util::config(
+        admin,
+        &[mock.url()],
+        &ports,
+        &section("  allow: {read: [\"10.0.0.0/8\"]}\n"),
+    );
+    let _proxy = Proxy::start(&cfg);
+    assert!(wait_until(Duration::from_secs(10), || curl(
+        "/main/node1/primary"
+    ) == "403"));
+}
+
+fn local_addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}

@@ -211,7 +211,7 @@ impl Proxy {
                 .rebind(sock, new.listen_address, self.poll.registry());
             info!("admin interface moved to {}", new.listen_address);
         }
-        self.health_apply(health);
+        self.health_apply(health, &new.health);
         self.config = new.clone();
         self.clusters.reconcile(&new);
         let by_addr: HashMap<SocketAddr, _> = new.ports().map(|cp| (cp.1.listen, cp)).collect();

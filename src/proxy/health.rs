@@ -23,6 +23,7 @@ use super::ports::bind;
 use super::sys;
 use super::timer::Timer;
 use super::{token, Proxy};
+use crate::access::RouteClass;
 use crate::admin::{Request, Response, Route};
 use crate::config::{Config, HealthConfig};
 use crate::error::Result;
@@ -52,6 +53,7 @@ impl Health {
         let mut h = Health::default();
         let re = Health::bind_changes(&HealthConfig::default(), cfg, backlog)?;
         h.apply(re, registry);
+        h.configure(cfg);
         Ok(h)
     }
 
@@ -121,6 +123,18 @@ impl Health {
                     }
                 }
             });
+        }
+    }
+
+    /// Sets the health listener's HTTPS and access rules (at start-up and
+    /// on every reload, so a rotated certificate takes effect; open
+    /// connections keep what they started with).
+    pub fn configure(&mut self, cfg: &HealthConfig) {
+        if let Some(f) = &mut self.front {
+            f.configure(cfg.tls_config.clone(), cfg.allow.clone());
+            if cfg.tls_config.is_some() {
+                info!("health listener serves HTTPS only");
+            }
         }
     }
 
@@ -462,7 +476,12 @@ impl Proxy {
             Step::Close => f.close(key),
             Step::Route(req) => {
                 let local = c.local_addr().map(|a| a.ip());
-                let resp = self.health_route(&req, local);
+                let resp = if f.allow.allows(RouteClass::Read, c.peer) {
+                    self.health_route(&req, local)
+                } else {
+                    info!("health: request refused to {} (health.allow)", c.peer);
+                    Response::text(403, "forbidden by health.allow\n").head_only(req.head_only)
+                };
                 if let Some(c) = self
                     .health
                     .front
@@ -592,7 +611,8 @@ impl Proxy {
         Health::bind_changes(&self.config.health, &new.health, new.listen_backlog)
     }
 
-    pub(super) fn health_apply(&mut self, re: Rebind) {
+    pub(super) fn health_apply(&mut self, re: Rebind, new: &HealthConfig) {
         self.health.apply(re, self.poll.registry());
+        self.health.configure(new);
     }
 }
