@@ -28,7 +28,7 @@ use log::{debug, info, warn};
 
 use crate::dns;
 use crate::patroni;
-use crate::topology::Topology;
+use crate::topology::{self, Topology};
 
 /// Poll period while the cluster has no leader or just changed.
 pub const FAST_POLL: Duration = Duration::from_millis(250);
@@ -152,6 +152,12 @@ struct Worker {
     failing_since: Option<(Instant, Instant)>,
 }
 
+/// Whether a new answer opens the fast-poll window: a routing change after
+/// the first answer. Lag figures alone move on every poll of a busy cluster.
+fn starts_fast_polling(last: Option<&Topology>, new: &Topology) -> bool {
+    last.is_some_and(|old| !topology::same_routing(old, new))
+}
+
 impl Worker {
     fn new(
         id: u64,
@@ -263,8 +269,10 @@ impl Worker {
                     self.recovered(&host, &errors);
                     let changed = self.last.as_ref() != Some(&topology);
                     if changed {
-                        // Poll fast after a change, not after the first answer.
-                        if self.last.is_some() {
+                        // Every change goes to the loop (lag policies need each
+                        // poll's figures), but only a routing change -- not the
+                        // first answer, not lag moving -- makes the polling fast.
+                        if starts_fast_polling(self.last.as_ref(), &topology) {
                             self.fast_until = Some(Instant::now() + FAST_WINDOW);
                         }
                         self.last = Some(topology.clone());
@@ -395,5 +403,56 @@ impl Worker {
                 errors.join("; ")
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{Member, Role};
+
+    fn member(name: &str, role: Role, lag: Option<u64>) -> Member {
+        Member {
+            name: name.into(),
+            role,
+            state: "running".into(),
+            host: Some("127.0.0.1".into()),
+            ip: None,
+            port: Some(5432),
+            timeline: Some(1),
+            lag,
+            replay_lag: None,
+            receive_lag: None,
+            noloadbalance: false,
+            tags: Vec::new(),
+        }
+    }
+
+    fn cluster(replica_lag: Option<u64>, replica_role: Role) -> Topology {
+        Topology {
+            members: vec![
+                member("m1", Role::Leader, None),
+                member("m2", replica_role, replica_lag),
+            ],
+            ..Topology::default()
+        }
+    }
+
+    #[test]
+    fn lag_moving_does_not_start_fast_polling() {
+        let before = cluster(Some(100), Role::Replica);
+        assert!(!starts_fast_polling(None, &before), "first answer");
+        assert!(!starts_fast_polling(
+            Some(&before),
+            &cluster(Some(200), Role::Replica)
+        ));
+        assert!(!starts_fast_polling(
+            Some(&before),
+            &cluster(None, Role::Replica)
+        ));
+        assert!(starts_fast_polling(
+            Some(&before),
+            &cluster(Some(100), Role::SyncStandby)
+        ));
     }
 }
