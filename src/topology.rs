@@ -529,7 +529,7 @@ pub fn pick_least<T>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn member(name: &str, role: &str, state: &str, lag: Option<u64>) -> Member {
