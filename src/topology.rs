@@ -424,6 +424,27 @@ fn by_name(t: &Topology) -> HashMap<&str, &Member> {
     t.members.iter().map(|m| (m.name.as_str(), m)).collect()
 }
 
+/// Whether two answers route the same: everything but the lag figures
+/// (`lag`, `replay_lag`, `receive_lag`), which move on every poll of a busy
+/// cluster and are re-checked per poll anyway.
+pub fn same_routing(a: &Topology, b: &Topology) -> bool {
+    let without_lag = |m: &Member| Member {
+        lag: None,
+        replay_lag: None,
+        receive_lag: None,
+        ..m.clone()
+    };
+    a.scope == b.scope
+        && a.paused == b.paused
+        && a.lsn_fields == b.lsn_fields
+        && a.maximum_lag_on_failover == b.maximum_lag_on_failover
+        && a.members.len() == b.members.len()
+        && a.members
+            .iter()
+            .zip(&b.members)
+            .all(|(x, y)| without_lag(x) == without_lag(y))
+}
+
 /// What changed between two answers (`old` is `None` before the first).
 pub fn diff(old: Option<&Topology>, new: &Topology) -> Vec<Change> {
     let mut out = Vec::new();
@@ -508,7 +529,7 @@ pub fn pick_least<T>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn member(name: &str, role: &str, state: &str, lag: Option<u64>) -> Member {
@@ -693,6 +714,48 @@ mod tests {
             !r[1].draining,
             "replicas without a timeline are not draining"
         );
+    }
+
+    #[test]
+    fn same_routing_ignores_lag_figures_only() {
+        let t = cluster(vec![
+            member("m1", "leader", "running", None),
+            member("m2", "replica", "streaming", Some(10)),
+        ]);
+        let mut lagging = t.clone();
+        lagging.members[1].lag = Some(99_999);
+        lagging.members[1].replay_lag = Some(7);
+        lagging.members[1].receive_lag = Some(3);
+        assert!(same_routing(&t, &lagging));
+        lagging.members[1].lag = None;
+        assert!(
+            same_routing(&t, &lagging),
+            "unknown lag is still a lag figure"
+        );
+
+        let changes: [fn(&mut Topology); 8] = [
+            |t| t.members[1].role = Role::SyncStandby,
+            |t| t.members[1].state = "stopped".into(),
+            |t| t.members[1].timeline = Some(9),
+            |t| t.members[1].port = Some(6543),
+            |t| t.members[1].noloadbalance = true,
+            |t| {
+                t.members[1].tags.push(Tag {
+                    key: "nofailover".into(),
+                    value: "true".into(),
+                    truthy: true,
+                })
+            },
+            |t| {
+                t.members.pop();
+            },
+            |t| t.paused = true,
+        ];
+        for change in changes {
+            let mut u = t.clone();
+            change(&mut u);
+            assert!(!same_routing(&t, &u), "{u:?}");
+        }
     }
 
     #[test]

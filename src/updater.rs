@@ -36,7 +36,7 @@ use crate::dns;
 use crate::https;
 use crate::patroni;
 use crate::tls::{self, ClientMaterial};
-use crate::topology::Topology;
+use crate::topology::{self, Topology};
 
 /// Poll period while the cluster has no leader or just changed.
 pub const FAST_POLL: Duration = Duration::from_millis(250);
@@ -185,6 +185,12 @@ struct Worker {
     failing_since: Option<(Instant, Instant)>,
 }
 
+/// Whether a new answer opens the fast-poll window: a routing change after
+/// the first answer. Lag figures alone move on every poll of a busy cluster.
+fn starts_fast_polling(last: Option<&Topology>, new: &Topology) -> bool {
+    last.is_some_and(|old| !topology::same_routing(old, new))
+}
+
 impl Worker {
     fn new(
         id: u64,
@@ -325,8 +331,10 @@ impl Worker {
                     self.recovered(&host, &errors);
                     let changed = self.last.as_ref() != Some(&topology);
                     if changed {
-                        // Poll fast after a change, not after the first answer.
-                        if self.last.is_some() {
+                        // Every change goes to the loop (lag policies need each
+                        // poll's figures), but only a routing change -- not the
+                        // first answer, not lag moving -- makes the polling fast.
+                        if starts_fast_polling(self.last.as_ref(), &topology) {
                             self.fast_until = Some(Instant::now() + FAST_WINDOW);
                         }
                         self.last = Some(topology.clone());
@@ -551,5 +559,39 @@ fn ureq_failure(e: ureq::Error, has_cert: bool) -> FetchFailure {
     match inner {
         Some(t) => FetchFailure::Tls(tls::describe(t, has_cert)),
         None => FetchFailure::Other(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::tests::member;
+
+    fn cluster(replica_lag: Option<u64>, replica_role: &str) -> Topology {
+        Topology {
+            members: vec![
+                member("m1", "leader", "running", None),
+                member("m2", replica_role, "streaming", replica_lag),
+            ],
+            ..Topology::default()
+        }
+    }
+
+    #[test]
+    fn lag_moving_does_not_start_fast_polling() {
+        let before = cluster(Some(100), "replica");
+        assert!(!starts_fast_polling(None, &before), "first answer");
+        assert!(!starts_fast_polling(
+            Some(&before),
+            &cluster(Some(200), "replica")
+        ));
+        assert!(!starts_fast_polling(
+            Some(&before),
+            &cluster(None, "replica")
+        ));
+        assert!(starts_fast_polling(
+            Some(&before),
+            &cluster(Some(100), "sync_standby")
+        ));
     }
 }

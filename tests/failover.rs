@@ -522,3 +522,71 @@ fn startup_replay_can_be_turned_off() {
     );
     assert_eq!(pg_start(local(rw), true), Ok((1, "node1".to_string())));
 }
+
+/// A replica whose lag moves on every poll is not a topology change worth
+/// fast polling: the updater stays at one poll per cluster_update_interval.
+#[test]
+fn lag_moving_every_poll_keeps_the_normal_poll_rate() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let (nodes, api) = three_nodes(0);
+    let ro = free_port();
+    let cfg = config(
+        free_port(),
+        &[api.url()],
+        &format!("ro: {{listen: \"127.0.0.1:{ro}\", roles: [async]}}"),
+        "",
+    )
+    .replace(
+        "cluster_update_interval: 0.2",
+        "cluster_update_interval: 0.5",
+    );
+    let p = Proxy::start(&cfg);
+    p.wait_backends("main", "ro", &["node2", "node3"]);
+    let bodies: Vec<_> = (1..=200u64)
+        .map(|lag| {
+            cluster(vec![
+                member("node1", "leader", "running", nodes[0].addr, None),
+                member("node2", "replica", "streaming", nodes[1].addr, Some(lag)),
+                member(
+                    "node3",
+                    "replica",
+                    "streaming",
+                    nodes[2].addr,
+                    Some(lag * 2),
+                ),
+            ])
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let polls = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Bounded even if the main thread panics before it says stop.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            for body in bodies.iter().cycle() {
+                if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+                    break;
+                }
+                api.set(body);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        // Let a few lag changes land first, then count polls over 3 s:
+        // about 6 at 0.5 s, about 12 if lag moving switched to 250 ms polls.
+        std::thread::sleep(Duration::from_millis(1200));
+        let lag = || p.status()["clusters"]["main"]["members"][1]["lag"].clone();
+        let (before, lag_before) = (api.requests(), lag());
+        std::thread::sleep(Duration::from_secs(3));
+        let polls = api.requests() - before;
+        let lag_after = lag();
+        stop.store(true, Ordering::SeqCst);
+        // Every poll's figures still reach the loop (lag policies need them).
+        assert_ne!(lag_after, lag_before, "the loop saw node2's lag move");
+        polls
+    });
+    assert!(
+        (2..=9).contains(&polls),
+        "{polls} polls in 3 s at a 0.5 s interval with lag moving every poll"
+    );
+    p.wait_backends("main", "ro", &["node2", "node3"]);
+}

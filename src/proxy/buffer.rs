@@ -120,6 +120,8 @@ pub struct Pool {
     in_use: usize,
     /// Whether bulk transfers may use pipes.
     splice: bool,
+    /// `splice(2)` failed as unsupported once: pipes stay off.
+    splice_refused: bool,
     free_pipes: Vec<Pipe>,
     pipes_in_use: usize,
     /// Most pipes in use at once: [`MAX_PIPES`], or fewer when the
@@ -135,6 +137,7 @@ impl Pool {
             max_free,
             in_use: 0,
             splice: false,
+            splice_refused: false,
             free_pipes: Vec::new(),
             pipes_in_use: 0,
             max_pipes: MAX_PIPES,
@@ -149,7 +152,7 @@ impl Pool {
 
     /// A pipe for a bulk transfer, if splicing is on and one can be had.
     pub fn take_pipe(&mut self) -> Option<Pipe> {
-        if !self.splice || self.pipes_in_use >= self.max_pipes {
+        if !self.splicing() || self.pipes_in_use >= self.max_pipes {
             return None;
         }
         let pipe = match self.free_pipes.pop() {
@@ -188,7 +191,35 @@ impl Pool {
     }
 
     pub fn splicing(&self) -> bool {
-        self.splice
+        self.splice && !self.splice_refused
+    }
+
+    /// `splice(2)` was refused (`sys::splice_unsupported`): no pipes from now
+    /// on, across reloads too (the loop's one pool serves the whole
+    /// process). True the first time.
+    pub fn splice_refused(&mut self) -> bool {
+        self.free_pipes.clear();
+        !std::mem::replace(&mut self.splice_refused, true)
+    }
+
+    /// Gives a pipe back as a buffer holding the bytes it still held, read
+    /// out with read(2), so a direction can leave the pipe without losing
+    /// them. The buffer is counted as taken (give it back with [`Pool::give`]).
+    pub fn pipe_into_buffer(&mut self, p: Pipe) -> io::Result<Buffer> {
+        self.pipes_in_use = self.pipes_in_use.saturating_sub(1);
+        self.in_use += 1;
+        let want = p.len;
+        let mut b = Buffer::new(want.max(self.size));
+        let mut read_end = std::fs::File::from(p.read);
+        while b.len() < want {
+            match b.read_from(&mut read_end) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(b)
     }
 
     pub fn set_splice(&mut self, on: bool) {

@@ -34,6 +34,7 @@
 use std::io::{self, Write};
 use std::net::Shutdown;
 
+use log::warn;
 use mio::event::Event;
 use mio::net::TcpStream;
 use mio::Registry;
@@ -334,7 +335,39 @@ fn transfer(
         }
     }
     let (n, over) = splice(src, dst, slot, pool, budget.saturating_sub(moved))?;
+    moved += n;
+    if over || matches!(slot, Slot::Pipe(_)) || pool.splicing() {
+        return Ok((moved, over));
+    }
+    // splice(2) was refused: carry on with buffers in this pump.
+    let (n, over, _) = copy(
+        src,
+        Some(dst),
+        slot,
+        pool,
+        budget.saturating_sub(moved),
+        None,
+    )?;
     Ok((moved + n, over))
+}
+
+/// `splice(2)` refused (`sys::splice_unsupported`): leave the pipe for the
+/// buffer path, with the bytes it holds read out of it, and stop splicing
+/// for good. Only an error draining the pipe ends the session.
+fn leave_pipe(slot: &mut Slot, pool: &mut Pool, e: &io::Error) -> Result<(), EndError> {
+    if pool.splice_refused() {
+        warn!("splice(2) refused ({e}); relaying through user-space buffers from now on");
+    }
+    let Slot::Pipe(pipe) = std::mem::replace(slot, Slot::Empty) else {
+        return Ok(());
+    };
+    if pipe.len == 0 {
+        pool.give_pipe(pipe);
+        return Ok(());
+    }
+    let buf = pool.pipe_into_buffer(pipe).map_err(dst_err)?;
+    *slot = Slot::Buf(buf);
+    Ok(())
 }
 
 /// The buffer path. The third value is true when the direction should switch
@@ -467,6 +500,10 @@ fn splice(
                         }
                     }
                     IoError::Interrupted => progress = true,
+                    IoError::Failed if sys::splice_unsupported(&e) => {
+                        leave_pipe(slot, pool, &e)?;
+                        return Ok((moved, false));
+                    }
                     IoError::Failed => return Err(src_err(e)),
                 },
             }
@@ -483,6 +520,10 @@ fn splice(
                     // The pipe holds bytes, so this is the socket.
                     IoError::WouldBlock => dst.writable = false,
                     IoError::Interrupted => progress = true,
+                    IoError::Failed if sys::splice_unsupported(&e) => {
+                        leave_pipe(slot, pool, &e)?;
+                        return Ok((moved, false));
+                    }
                     IoError::Failed => return Err(dst_err(e)),
                 },
             }
@@ -516,5 +557,125 @@ fn pass_fin(src: &Endpoint, dst: &mut Endpoint, slot: &Slot) {
         // ENOTCONN here means the peer is already gone; the next read or
         // write on it reports that properly.
         let _ = dst.sock.shutdown(Shutdown::Write);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream as StdStream};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    const LEN: usize = 1 << 20;
+
+    fn pattern() -> Vec<u8> {
+        (0..LEN).map(|i| (i * 7 + i / 4096) as u8).collect()
+    }
+
+    /// A connected pair: (our non-blocking end, the peer's blocking end).
+    fn pair() -> (TcpStream, StdStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = StdStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (TcpStream::from_std(ours), peer)
+    }
+
+    /// Relays 1 MiB through `transfer` with splice(2) failing with `errno`
+    /// after `ok` successful calls; returns what arrived and the pool.
+    fn relay_with_splice_fault(ok: usize, errno: i32) -> (Vec<u8>, Pool) {
+        let (src_sock, mut writer) = pair();
+        let (dst_sock, mut reader) = pair();
+        let sent = pattern();
+        let data = sent.clone();
+        let w = thread::spawn(move || {
+            writer.write_all(&data).unwrap();
+        });
+        let r = thread::spawn(move || {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut pool = Pool::new(16 * 1024, 4);
+        pool.set_splice(true);
+        sys::splice_fault::set(ok, errno);
+        let (mut src, mut dst) = (Endpoint::new(src_sock), Endpoint::new(dst_sock));
+        let mut slot = Slot::Empty;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(src.read_eof && slot.is_empty() && dst.write_shut) {
+            assert!(Instant::now() < deadline, "relay stalled");
+            src.readable = true;
+            dst.writable = true;
+            transfer(
+                &mut src,
+                Some(&mut dst),
+                &mut slot,
+                &mut pool,
+                256 * 1024,
+                None,
+            )
+            .map_err(|e| e.error)
+            .expect("the relay falls back instead of failing");
+            thread::sleep(Duration::from_micros(200));
+        }
+        w.join().unwrap();
+        drop(dst);
+        let got = r.join().unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "bytes arrived out of order or changed");
+        (got, pool)
+    }
+
+    #[test]
+    fn refused_splice_into_the_pipe_falls_back_to_buffers() {
+        for errno in [libc::EPERM, libc::EINVAL, libc::ENOSYS] {
+            let (_, pool) = relay_with_splice_fault(0, errno);
+            assert!(!pool.splicing(), "splicing stays off after a refusal");
+            assert_eq!(pool.pipes_in_use(), 0);
+        }
+    }
+
+    #[test]
+    fn refused_splice_out_of_the_pipe_keeps_the_bytes_inside() {
+        // The first splice fills the pipe; the one out of it is refused.
+        let (_, mut pool) = relay_with_splice_fault(1, libc::EPERM);
+        assert!(!pool.splicing());
+        assert!(pool.take_pipe().is_none(), "no pipes after a refusal");
+        pool.set_splice(true);
+        assert!(!pool.splicing(), "a reload does not turn it back on");
+    }
+
+    #[test]
+    fn other_splice_errors_still_end_the_session() {
+        let (src_sock, mut writer) = pair();
+        let (dst_sock, _reader) = pair();
+        writer.write_all(&[1; 64 * 1024]).unwrap();
+        let mut pool = Pool::new(16 * 1024, 4);
+        pool.set_splice(true);
+        sys::splice_fault::set(0, libc::ECONNRESET);
+        let (mut src, mut dst) = (Endpoint::new(src_sock), Endpoint::new(dst_sock));
+        let mut slot = Slot::Empty;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "splice never tried");
+            src.readable = true;
+            dst.writable = true;
+            if let Err(e) = transfer(
+                &mut src,
+                Some(&mut dst),
+                &mut slot,
+                &mut pool,
+                1 << 20,
+                None,
+            ) {
+                assert_eq!(e.error.raw_os_error(), Some(libc::ECONNRESET));
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(pool.splicing());
     }
 }

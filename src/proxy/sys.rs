@@ -206,6 +206,10 @@ pub fn pipe_capacity(fd: &impl AsRawFd) -> usize {
 /// them must be a pipe. Never blocks on the pipe; the sockets are
 /// non-blocking already. `Ok(0)`: end of stream on `from`.
 pub fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    #[cfg(test)]
+    if let Some(errno) = splice_fault::next() {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
     let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
     // SAFETY: null offsets are allowed for pipes and sockets; both fds are
     // borrowed from live objects for the duration of the call.
@@ -223,6 +227,41 @@ pub fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// `splice(2)` refused as such (a seccomp filter, a file type without
+/// splice support), not a failure of the sockets: copy in user space instead.
+pub fn splice_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::EINVAL | libc::ENOSYS)
+    )
+}
+
+/// Test-only fault injection for [`splice`], per thread: after `ok` more
+/// calls, every call fails with `errno`.
+#[cfg(test)]
+pub mod splice_fault {
+    use std::cell::Cell;
+
+    thread_local! {
+        static FAULT: Cell<Option<(usize, i32)>> = const { Cell::new(None) };
+    }
+
+    pub fn set(ok: usize, errno: i32) {
+        FAULT.with(|f| f.set(Some((ok, errno))));
+    }
+
+    pub(super) fn next() -> Option<i32> {
+        FAULT.with(|f| match f.get() {
+            None => None,
+            Some((0, errno)) => Some(errno),
+            Some((n, errno)) => {
+                f.set(Some((n - 1, errno)));
+                None
+            }
+        })
     }
 }
 
