@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::certs::{Ca, Issued, KeyFormat};
+use crate::util::certs::{https_status, Ca, Issued, KeyFormat};
 use crate::util::*;
 
 struct Rig {
@@ -299,20 +299,8 @@ fn sighup_rotates_the_admin_certificate() {
         0,
         "the old CA no longer verifies"
     );
-    let o = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-        ])
-        .arg("--cacert")
-        .arg(&new_ca.cert)
-        .arg(format!("https://{}/", r.admin))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "200");
+    assert_eq!(
+        https_status(&new_ca.cert, &format!("https://{}/", r.admin)),
+        "200"
+    );
 }

@@ -342,8 +342,7 @@ fn reload_adds_moves_and_removes_the_health_listeners() {
 /// `health.allow.read` refuses a caller outside its networks with 403.
 #[test]
 fn health_listener_serves_https_and_keeps_to_its_allow_list() {
-    use crate::util::certs::{Ca, KeyFormat};
-    use std::process::Command;
+    use crate::util::certs::{https_status, Ca, KeyFormat};
 
     let dir = util::TempDir::new();
     let ca = Ca::new(&dir.0, "ca");
@@ -360,24 +359,7 @@ fn health_listener_serves_https_and_keeps_to_its_allow_list() {
     };
     let cfg = util::config(admin, &[mock.url()], &ports, &section(""));
     let proxy = Proxy::start(&cfg);
-    let curl = |path: &str| -> String {
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "10",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-            ])
-            .arg("--cacert")
-            .arg(&ca.cert)
-            .arg(format!("https://127.0.0.1:{health}{path}"))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let curl = |path: &str| https_status(&ca.cert, &format!("https://127.0.0.1:{health}{path}"));
     assert!(
         wait_until(Duration::from_secs(10), || curl("/main/node1/primary")
             == "200"),

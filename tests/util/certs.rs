@@ -256,3 +256,24 @@ impl Drop for TlsPatroni {
         let _ = self.child.wait();
     }
 }
+
+/// The HTTP status `curl` got for `url` trusting only `ca` ("000": no
+/// answer, for example a failed handshake).
+pub fn https_status(ca: &Path, url: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(ca)
+        .arg(url)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
