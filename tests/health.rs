@@ -373,6 +373,28 @@ fn health_listener_serves_https_and_keeps_to_its_allow_list() {
         !util::http_request(local_addr(health), "GET", "/main/node1/primary", "HTTP/1.0")
             .is_ok_and(|(code, _)| code == 200)
     );
+    // ... and that failed handshake is counted.
+    let counted = || {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&ca.cert)
+            .arg(format!("https://127.0.0.1:{health}/metrics"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("patroni_proxy_tls_handshake_failures_total{listener=\"health\"} ")
+                    .map(str::to_string)
+            })
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || counted() >= 1),
+        "{}",
+        proxy.log()
+    );
     drop(proxy);
 
     // Reading only from 10.0.0.0/8: this loopback caller is refused.

@@ -480,13 +480,18 @@ impl Front {
         }
     }
 
-    /// Removes the connections closed since the last reap.
-    pub fn reap(&mut self, registry: &Registry) {
+    /// Removes the connections closed since the last reap; returns how
+    /// many of them never finished their TLS handshake (refused, broken or
+    /// timed out), for the handshake-failure counter.
+    pub fn reap(&mut self, registry: &Registry) -> u64 {
+        let mut unfinished = 0;
         for key in self.closed.drain(..) {
             if let Some(mut c) = self.conns.try_remove(key) {
+                unfinished += u64::from(c.is_handshaking());
                 c.io.deregister(registry);
             }
         }
+        unfinished
     }
 }
 

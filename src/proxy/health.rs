@@ -453,7 +453,7 @@ impl Proxy {
 
     pub(super) fn reap_health(&mut self) {
         if let Some(f) = self.health.front.as_mut() {
-            f.reap(self.poll.registry());
+            self.stats.tls_handshake_failures[1] += f.reap(self.poll.registry());
         }
         if let Some(a) = self.health.agent.as_mut() {
             a.reap(self.poll.registry());

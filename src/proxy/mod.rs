@@ -267,7 +267,7 @@ impl Proxy {
         if reaped {
             self.budget_pipes();
         }
-        self.admin.front.reap(self.poll.registry());
+        self.stats.tls_handshake_failures[0] += self.admin.front.reap(self.poll.registry());
         self.reap_health();
         self.accept
             .check_capacity(self.sessions.len(), self.config.max_connections);
