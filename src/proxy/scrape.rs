@@ -362,6 +362,15 @@ impl Proxy {
         for (c, s) in self.clusters.iter() {
             w.sample(&f, &[("cluster", c)], s.stats.leader_changes);
         }
+        let f = family(
+            &mut w,
+            "cluster_tls_failures_total",
+            Kind::Counter,
+            "Requests to a Patroni host that failed in TLS (a poll may count several).",
+        );
+        for (c, s) in self.clusters.iter() {
+            w.sample(&f, &[("cluster", c)], s.stats.tls_failures);
+        }
 
         // ---- process-wide ----------------------------------------------------
         let ps = view.proxy();
