@@ -772,12 +772,8 @@ fn g_noloadbalance_tag_takes_a_replica_out() {
         .contains(&name)));
 }
 
-#[test]
-#[ignore = "needs a real cluster: tests/cluster/run"]
-fn h_first_api_host_dies_and_routing_goes_on() {
-    let c = cluster();
-    // The proxy asks a replica's API first; that Patroni is killed (its
-    // PostgreSQL keeps running, so there is no failover).
+/// A replica's name, and every member's API with that replica's first.
+fn replica_api_first(c: &Cluster) -> (String, Vec<String>) {
     let first = c.replicas()[0].name.clone();
     let mut hosts: Vec<String> = vec![c.node(&first).api.clone()];
     hosts.extend(
@@ -786,6 +782,16 @@ fn h_first_api_host_dies_and_routing_goes_on() {
             .filter(|n| n.name != first)
             .map(|n| n.api.clone()),
     );
+    (first, hosts)
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn h_first_api_host_dies_and_routing_goes_on() {
+    let c = cluster();
+    // The proxy asks a replica's API first; that Patroni is killed (its
+    // PostgreSQL keeps running, so there is no failover).
+    let (first, hosts) = replica_api_first(&c);
     let rig = rig_with_hosts(c, hosts.clone());
     assert_eq!(rig.proxy.status()["clusters"]["main"]["api_host"], hosts[0]);
     rig.c.run(&["kill-api", &first[4..]]);
@@ -980,14 +986,7 @@ fn j_frozen_first_api_host_is_passed_over_within_api_timeout() {
     let c = cluster();
     // The proxy asks a replica's API first; that Patroni is frozen with
     // SIGSTOP: its socket accepts, but nothing answers (worse than dead).
-    let first = c.replicas()[0].name.clone();
-    let mut hosts: Vec<String> = vec![c.node(&first).api.clone()];
-    hosts.extend(
-        c.nodes
-            .iter()
-            .filter(|n| n.name != first)
-            .map(|n| n.api.clone()),
-    );
+    let (first, hosts) = replica_api_first(&c);
     let pid = pid_of(&format!("patroni{}", &first[4..]));
     let rig = rig_with_hosts(c, hosts.clone());
     let status = |rig: &Rig| rig.proxy.status()["clusters"]["main"].clone();
