@@ -250,10 +250,28 @@ fn stop_postgres(c: &Cluster, node: &Node) {
         .parent()
         .unwrap()
         .join(format!("{}/data/postmaster.pid", node.name));
-    let pid = std::fs::read_to_string(data).unwrap();
-    let pid = pid.lines().next().unwrap().trim().to_string();
-    assert_eq!(signal(&pid, "INT"), 0);
-    c.wait_member(&node.name, Duration::from_secs(60), |m| {
+    let stopped = || {
+        c.topology().is_some_and(|t| {
+            t["members"].as_array().is_some_and(|ms| {
+                ms.iter()
+                    .any(|m| m["name"] == node.name.as_str() && m["state"] == "stopped")
+            })
+        })
+    };
+    // The postmaster may be replaced while Patroni settles after the
+    // previous state: read its PID afresh and ask again every 10 s.
+    for _ in 0..6 {
+        if let Some(pid) = std::fs::read_to_string(&data)
+            .ok()
+            .and_then(|p| p.lines().next().map(|l| l.trim().to_string()))
+        {
+            signal(&pid, "INT");
+        }
+        if wait_until(Duration::from_secs(10), stopped) {
+            break;
+        }
+    }
+    c.wait_member(&node.name, Duration::from_secs(5), |m| {
         m["state"] == "stopped"
     });
 }
