@@ -131,6 +131,10 @@ pub struct PortConfig {
     pub policy: PortPolicy,
     /// Held clients beyond this are refused at once; `None`: no cap.
     pub max_waiting: Option<usize>,
+    /// Pre-connected backend sockets kept per routable member; 0: off.
+    pub preconnect: usize,
+    /// A pre-connected socket older than this is closed unused.
+    pub preconnect_max_age: Duration,
 }
 
 impl Config {
@@ -294,6 +298,8 @@ struct RawPort {
     fallback: Option<Vec<String>>,
     fallback_return: Option<String>,
     max_waiting: Option<u64>,
+    preconnect: Option<u64>,
+    preconnect_max_age: Option<f64>,
 }
 
 /// Reads and validates the file at `path`.
@@ -686,6 +692,15 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
         }
         let wait_path = format!("{pp}.backend_wait_timeout");
         let backend_wait_timeout = p.seconds(&wait_path, rp.backend_wait_timeout, 10.0, true);
+        let preconnect = rp.preconnect.unwrap_or(0);
+        if preconnect > MAX_PRECONNECT as u64 {
+            p.add(
+                &format!("{pp}.preconnect"),
+                format!("{preconnect} is out of range; expected 0 to {MAX_PRECONNECT}"),
+            );
+        }
+        let age_path = format!("{pp}.preconnect_max_age");
+        let preconnect_max_age = p.seconds(&age_path, rp.preconnect_max_age, 20.0, false);
         ports.push(PortConfig {
             name: pname,
             listen,
@@ -695,6 +710,8 @@ fn cluster(p: &mut Problems, name: String, rc: RawCluster) -> ClusterConfig {
             backend_wait_timeout,
             policy,
             max_waiting: rp.max_waiting.map(|n| n as usize),
+            preconnect: preconnect.min(MAX_PRECONNECT as u64) as usize,
+            preconnect_max_age,
         });
     }
     let tls = rc.tls.map(|t| {
@@ -922,6 +939,9 @@ pub fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
 /// Most ports one file may define: what the poll's token range for
 /// listeners holds (`proxy::token` asserts it at compile time).
 pub const MAX_PORTS: usize = 65_520;
+
+/// Most pre-connected sockets a port keeps per member (`preconnect`).
+pub const MAX_PRECONNECT: usize = 64;
 
 /// Every listening address against every other, in linear time: by exact
 /// (canonical) address, by port for wildcards.
@@ -1340,6 +1360,32 @@ mod tests {
     }
 
     #[test]
+    fn preconnect_keys_load_and_are_bounded() {
+        let c = parse(&port("roles: [leader]")).unwrap();
+        let p = &c.clusters[0].ports[0];
+        assert_eq!(
+            (p.preconnect, p.preconnect_max_age),
+            (0, Duration::from_secs(20))
+        );
+        let c = parse(&port(
+            "roles: [leader], preconnect: 64, preconnect_max_age: 1.5",
+        ))
+        .unwrap();
+        let p = &c.clusters[0].ports[0];
+        assert_eq!(
+            (p.preconnect, p.preconnect_max_age),
+            (64, Duration::from_millis(1500))
+        );
+        assert_eq!(
+            errors(&port("roles: [leader], preconnect: 65, preconnect_max_age: 0")),
+            [
+                "clusters.c.ports.p.preconnect: 65 is out of range; expected 0 to 64",
+                "clusters.c.ports.p.preconnect_max_age: 0 seconds is out of range; expected 0.001 to 86400"
+            ]
+        );
+    }
+
+    #[test]
     fn routing_policy_keys_load() {
         let c = parse(&port(
             "roles: [sync, async], max_lag_in_bytes: 1000, max_lag_in_bytes_close: 5000, lag_grace: 30, lag_return_percent: 50, lag_return_polls: 2, prefer: [sync], fallback: [leader], fallback_return: close",
@@ -1500,6 +1546,8 @@ mod tests {
                 backend_wait_timeout: Duration::ZERO,
                 policy: PortPolicy::default(),
                 max_waiting: None,
+                preconnect: 0,
+                preconnect_max_age: Duration::from_secs(20),
             })
             .collect();
         let clusters = [ClusterConfig {

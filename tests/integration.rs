@@ -21,6 +21,9 @@ mod health;
 mod metrics;
 /// Lag grace and hysteresis, preference, fallback, max_waiting.
 mod policy;
+/// Pre-connected backend sockets (`preconnect`): hand-over, refill, failover,
+/// max age, servers that close them, a socket that dies after hand-over.
+mod preconnect;
 /// Role routing, balancing and eligibility rules, with real Patroni answers.
 mod routing;
 /// HTTPS to Patroni: CA, client certificates, verification modes, rotation.

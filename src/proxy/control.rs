@@ -18,7 +18,7 @@ use log::{error, info, warn, Level};
 use mio::net::TcpListener;
 use mio::Waker;
 
-use super::ports::{bind, set_accepted_options};
+use super::ports::{bind, log_preconnect, set_accepted_options};
 use super::session::Close;
 use super::stats::CloseReason;
 use super::timer::Timer;
@@ -93,6 +93,7 @@ impl Proxy {
                 let _ = self.poll.registry().deregister(&mut l.socket);
             }
         }
+        self.warm.close_all();
         let waiting: Vec<usize> = self
             .sessions
             .iter()
@@ -220,6 +221,7 @@ impl Proxy {
                 continue;
             };
             let addr = l.addr;
+            let was = (l.preconnect, l.preconnect_max_age);
             match by_addr.get(&addr).copied() {
                 None => self.remove_listener(lk, "removed by reload"),
                 Some((c, p)) => {
@@ -227,6 +229,9 @@ impl Proxy {
                         self.close_listener_sessions(lk, "port moved to another cluster");
                     }
                     self.listeners[lk].configure(c, p);
+                    if was != (p.preconnect, p.preconnect_max_age) {
+                        log_preconnect(&self.listeners[lk]);
+                    }
                     let ka = self.config.tcp_keepalive.as_ref();
                     set_accepted_options(&self.listeners[lk].socket, addr, ka);
                 }

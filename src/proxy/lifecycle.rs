@@ -145,6 +145,7 @@ impl Proxy {
             listeners,
             clusters,
             poll,
+            warm,
             ..
         } = self;
         let Some(s) = sessions.get_mut(key) else {
@@ -163,15 +164,33 @@ impl Proxy {
             return self.close_session(key, close);
         }
         while let Some(target) = l.backends.pick(&s.tried) {
-            match open_backend(target.addr, keepalive.as_ref(), user_timeout) {
+            // A pre-connected socket, when the port keeps them: the
+            // server's fork is done already.
+            let pooled = (l.preconnect > 0 && !s.pool_failed)
+                .then(|| warm.take(s.listener, target.addr, l.preconnect_max_age, now))
+                .flatten();
+            if l.preconnect > 0 {
+                match pooled {
+                    Some(_) => l.stats.preconnect_hits += 1,
+                    None => l.stats.preconnect_misses += 1,
+                }
+            }
+            s.pooled = pooled.is_some();
+            let opened = match pooled {
+                Some(sock) => Ok(sock),
+                None => open_backend(target.addr, keepalive.as_ref(), user_timeout),
+            };
+            match opened {
                 Ok(sock) => {
                     let mut ep = Endpoint::new(sock);
                     let tok = token::session(key, Side::Backend);
-                    if let Err(e) = poll.registry().register(
-                        &mut ep.sock,
-                        tok,
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    let registered = if s.pooled {
+                        poll.registry().reregister(&mut ep.sock, tok, interest)
+                    } else {
+                        poll.registry().register(&mut ep.sock, tok, interest)
+                    };
+                    if let Err(e) = registered {
                         l.backends.release(&target);
                         warn!("session={} registering backend socket: {e}", s.id);
                         s.tried.push(target.addr);
@@ -313,8 +332,17 @@ impl Proxy {
     /// replay its start-up; by then the topology usually names the new
     /// leader. The client sees nothing of the refused attempt. When no retry
     /// is possible, the client gets the refusal as the server sent it.
+    ///
+    /// A pre-connected socket that fails before any answer is the pool's
+    /// fault, not the server's: the start-up is replayed at once, on a fresh
+    /// connect.
     fn retry_startup(&mut self, key: usize, why: &str) {
-        if !self.hold_for_replay(key, why, STARTUP_RETRY) {
+        let mut delay = STARTUP_RETRY;
+        if let Some(s) = self.sessions.get_mut(key).filter(|s| s.pooled) {
+            s.pool_failed = true;
+            delay = Duration::ZERO;
+        }
+        if !self.hold_for_replay(key, why, delay) {
             let Some(s) = self.sessions.get_mut(key) else {
                 return;
             };
@@ -447,7 +475,9 @@ fn describe_target(t: &Option<Target>) -> String {
         .map_or_else(|| "-".to_string(), |t| t.to_string())
 }
 
-fn open_backend(
+/// A non-blocking connect to a backend with the sockets options every
+/// backend socket gets (sessions' and pre-connected ones).
+pub(super) fn open_backend(
     addr: SocketAddr,
     keepalive: Option<&config::Keepalive>,
     user_timeout: Option<Duration>,

@@ -143,6 +143,9 @@ pub struct Listener {
     pub lag_timer: Option<Instant>,
     /// The kernel said there are connections to accept; cleared on WouldBlock.
     pub accept_ready: bool,
+    /// Pre-connected sockets per member (`warm.rs`); 0: off.
+    pub preconnect: usize,
+    pub preconnect_max_age: Duration,
 }
 
 impl Listener {
@@ -166,6 +169,8 @@ impl Listener {
             fallback_active: false,
             lag_timer: None,
             accept_ready: false,
+            preconnect: 0,
+            preconnect_max_age: Duration::ZERO,
         };
         l.configure(cluster, port);
         l
@@ -182,6 +187,8 @@ impl Listener {
         };
         self.wait = port.backend_wait_timeout;
         self.max_waiting = port.max_waiting;
+        self.preconnect = port.preconnect;
+        self.preconnect_max_age = port.preconnect_max_age;
         if self.policy != port.policy {
             // New rules: lag states start afresh at the next poll.
             self.policy = port.policy.clone();

@@ -15,7 +15,9 @@
 //! transitions (`session.rs`) decide; `ports.rs` accepts and refreshes
 //! ports; `clusters.rs` owns the updaters and topologies; `control.rs`
 //! reloads and drains; `admin.rs` serves the admin interface; `status.rs`
-//! renders read-only views of it all, and `stats.rs` holds the counters.
+//! renders read-only views of it all, and `stats.rs` holds the counters;
+//! `warm.rs` keeps the pre-connected backend sockets (`preconnect`), refilled
+//! at the end of a turn for the same reason as accepting (below).
 //!
 //! Accepting and reaping happen after the batch because `slab` reuses the
 //! most recently freed key first: a stale event still in the batch for a
@@ -42,6 +44,7 @@ mod status;
 mod sys;
 mod timer;
 mod token;
+mod warm;
 
 use std::io;
 use std::path::PathBuf;
@@ -66,6 +69,7 @@ use ports::{bind, Accept};
 use session::Session;
 use stats::ProxyStats;
 use timer::{Timer, Timers};
+use warm::Warm;
 
 /// Free buffers the pool keeps.
 const POOL_KEEP: usize = 64;
@@ -88,6 +92,10 @@ pub struct Proxy {
     listeners: Slab<Listener>,
     accept: Accept,
     sessions: Slab<Session>,
+    /// Pre-connected backend sockets of the ports with `preconnect`.
+    warm: Warm,
+    /// The pooled sockets the last `check_fd_limit` counted.
+    warm_budgeted: usize,
     clusters: Clusters,
     reload: control::Reload,
     pool: Pool,
@@ -143,6 +151,8 @@ impl Proxy {
             listeners: Slab::new(),
             accept: Accept::new(),
             sessions: Slab::new(),
+            warm: Warm::default(),
+            warm_budgeted: 0,
             reload: control::Reload::new(Arc::clone(&waker)),
             clusters: Clusters::new(waker),
             timers: Timers::default(),
@@ -204,6 +214,7 @@ impl Proxy {
                     Some(token::Target::AdminListener) => self.admin.front.accept_ready = true,
                     Some(token::Target::Health(key)) => self.health_event(key, Some(ev)),
                     Some(token::Target::Agent(key)) => self.agent_event(key, Some(ev)),
+                    Some(token::Target::Warm(key)) => self.warm_event(key, ev),
                     Some(token::Target::HealthListener) => {
                         if let Some(f) = self.health.front.as_mut() {
                             f.accept_ready = true;
@@ -251,6 +262,7 @@ impl Proxy {
             self.accept_clients();
             self.accept_admin();
             self.accept_health();
+            self.refill_warm();
         }
     }
 
@@ -288,6 +300,8 @@ impl Proxy {
                 Timer::HealthAcceptResume => {} // accept_health runs every turn
                 Timer::Housekeeping => {
                     self.housekeeping(now);
+                    // Ages and backoffs move on; staleness may have changed.
+                    self.warm.dirty = true;
                     self.timers.add(now + HOUSEKEEPING, Timer::Housekeeping);
                 }
                 Timer::Drain => {} // checked after reaping

@@ -246,6 +246,8 @@ impl Proxy {
         let Some(l) = self.listeners.get_mut(lk) else {
             return;
         };
+        // The pooled sockets follow the backends at the end of the turn.
+        self.warm.dirty |= l.preconnect > 0 || self.warm.has(lk);
         let evicted = refresh_backends(l, self.clusters.topology(&l.cluster));
         let has_open = l.backends.has_open();
         let label = l.label.clone();
@@ -327,6 +329,7 @@ impl Proxy {
             "port={} listening on {} roles={:?}",
             l.label, l.addr, port.roles
         );
+        log_preconnect(&l);
         let lk = entry.key();
         entry.insert(l);
         self.refresh_listener(lk);
@@ -350,6 +353,8 @@ impl Proxy {
 
     pub(super) fn remove_listener(&mut self, lk: usize, why: &str) {
         self.close_listener_sessions(lk, why);
+        // Now: the key may go to a port added by the same reload.
+        self.warm.close_listener(lk);
         if let Some(mut l) = self.listeners.try_remove(lk) {
             let _ = self.poll.registry().deregister(&mut l.socket);
             info!("port={} on {} closed: {why}", l.label, l.addr);
@@ -367,11 +372,13 @@ impl Proxy {
         } else {
             0
         };
-        let wanted = fd_budget(max, ports, pipes);
+        let warm = self.warm_budget();
+        self.warm_budgeted = warm;
+        let wanted = fd_budget(max, ports + warm, pipes);
         match sys::raise_nofile_limit(wanted) {
             Ok((soft, _)) => {
                 self.fd_limit = soft;
-                let sessions = fd_budget(max, ports, 0);
+                let sessions = fd_budget(max, ports + warm, 0);
                 if soft < sessions {
                     warn!(
                         "open files limit is {soft}, below the {sessions} that max_connections={max} needs; \
@@ -398,8 +405,18 @@ impl Proxy {
     /// accepting and after reaping).
     pub(super) fn budget_pipes(&mut self) {
         let sessions = (self.sessions.len() + ACCEPT_BATCH).min(self.config.max_connections);
-        let base = fd_budget(sessions, self.listeners.len(), 0);
+        let base = fd_budget(sessions, self.listeners.len() + self.warm_budget(), 0);
         self.pool.set_max_pipes(pipes_within(self.fd_limit, base));
+    }
+
+    /// Descriptors the pre-connected sockets take: `preconnect` per
+    /// routable member of each port, or what is open if that is more.
+    fn warm_budget(&self) -> usize {
+        let ports = self.listeners.iter();
+        warm_fds(
+            ports.map(|(_, l)| (l.preconnect, l.backends.list.len())),
+            self.warm.len(),
+        )
     }
 }
 
@@ -416,6 +433,16 @@ fn fd_budget(sessions: usize, ports: usize, pipes: usize) -> u64 {
         + admin::MAX_ADMIN_CONNS as u64
         + pipes as u64 * 2
         + FD_MARGIN
+}
+
+/// Descriptors of the pre-connected sockets: `(preconnect, routable
+/// members)` per port, or the `open` ones if more (a port whose members just
+/// left still holds its sockets until the next refill).
+fn warm_fds(ports: impl Iterator<Item = (usize, usize)>, open: usize) -> usize {
+    ports
+        .map(|(n, members)| n * members)
+        .sum::<usize>()
+        .max(open)
 }
 
 /// The pipes that fit in `limit` descriptors beside the `base` the rest
@@ -549,6 +576,18 @@ fn eviction_reason(x: &topology::Exclusion) -> CloseReason {
     }
 }
 
+/// One line per port that keeps pre-connected sockets (at start and reload).
+pub(super) fn log_preconnect(l: &Listener) {
+    if l.preconnect > 0 {
+        info!(
+            "port={} keeps {} pre-connected sockets per member (max age {:.1}s)",
+            l.label,
+            l.preconnect,
+            l.preconnect_max_age.as_secs_f64()
+        );
+    }
+}
+
 /// What accepted clients inherit from the listener; a failure is logged and
 /// leaves those clients with the kernel's defaults (Nagle on, no keepalive).
 pub(super) fn set_accepted_options(l: &TcpListener, addr: SocketAddr, ka: Option<&Keepalive>) {
@@ -579,6 +618,18 @@ mod tests {
             base + 2 * buffer::MAX_PIPES as u64,
             "two descriptors per pipe"
         );
+    }
+
+    #[test]
+    fn pooled_sockets_count_in_the_budget() {
+        // Two ports: preconnect 4 with 3 members, and one without.
+        let warm = warm_fds([(4, 3), (0, 5)].into_iter(), 7);
+        assert_eq!(warm, 12);
+        assert_eq!(warm_fds([(4, 0)].into_iter(), 7), 7, "what is open");
+        let base = fd_budget(100, 2 + warm, 0);
+        assert_eq!(base, fd_budget(100, 2, 0) + 12, "one descriptor each");
+        // Pipes get only what sessions and pooled sockets leave.
+        assert_eq!(pipes_within(fd_budget(100, 2, 0) + 12, base), 0);
     }
 
     #[test]

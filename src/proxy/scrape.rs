@@ -10,6 +10,7 @@
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::stats::{CloseReason, HealthChecks, MemberStats, PollError};
+use super::status::PortView;
 use super::sys;
 use super::Proxy;
 use crate::metrics::{Kind, ProcessStats, Writer};
@@ -18,6 +19,8 @@ const P: &str = "patroni_proxy_";
 
 /// Reads one counter of a member.
 type MemberCounter = fn(&MemberStats) -> u64;
+/// Reads one number of a port.
+type PortNumber = fn(&PortView) -> u64;
 
 impl Proxy {
     pub(super) fn metrics_text(&self) -> Vec<u8> {
@@ -112,6 +115,33 @@ impl Proxy {
         );
         for p in &ports {
             w.sample(&f, &[("cluster", p.cluster), ("port", p.port)], p.held);
+        }
+        // The pre-connected sockets (`preconnect`), one family each.
+        let pooled: [(&str, Kind, &str, PortNumber); 3] = [
+            (
+                "port_preconnected",
+                Kind::Gauge,
+                "Pre-connected backend sockets ready for a client (preconnect).",
+                |p| p.preconnected as u64,
+            ),
+            (
+                "port_preconnect_hits_total",
+                Kind::Counter,
+                "Backend connections served by a pre-connected socket.",
+                |p| p.stats.preconnect_hits,
+            ),
+            (
+                "port_preconnect_misses_total",
+                Kind::Counter,
+                "Backend connections of a preconnect port that found no pre-connected socket ready.",
+                |p| p.stats.preconnect_misses,
+            ),
+        ];
+        for (n, kind, help, get) in pooled {
+            let f = family(&mut w, n, kind, help);
+            for p in &ports {
+                w.sample(&f, &[("cluster", p.cluster), ("port", p.port)], get(p));
+            }
         }
         let f = family(
             &mut w,

@@ -181,6 +181,10 @@ pub struct Session {
     pub counted: (u64, u64),
     /// On the run queue already.
     pub queued: bool,
+    /// The backend socket came from the pre-connected pool.
+    pub pooled: bool,
+    /// A pooled socket failed this session: connect fresh from now on.
+    pub pool_failed: bool,
 }
 
 impl Session {
@@ -209,6 +213,8 @@ impl Session {
             tried: Vec::new(),
             counted: (0, 0),
             queued: false,
+            pooled: false,
+            pool_failed: false,
         }
     }
 
@@ -448,20 +454,9 @@ impl Session {
     /// connected (one syscall, the usual case on a fast network); otherwise
     /// mio's procedure: an error means failed, `NotConnected` not yet.
     pub fn check_connect(&mut self) -> Connect {
-        let Some(b) = self.pair.backend.as_mut() else {
-            return Connect::Pending;
-        };
-        if b.sock.peer_addr().is_ok() {
-            return Connect::Done;
-        }
-        match b.sock.take_error() {
-            Ok(Some(e)) | Err(e) => return Connect::Failed(e),
-            Ok(None) => {}
-        }
-        match b.sock.peer_addr() {
-            Ok(_) => Connect::Done,
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Connect::Pending,
-            Err(e) => Connect::Failed(e),
+        match self.pair.backend.as_ref() {
+            Some(b) => connect_state(&b.sock),
+            None => Connect::Pending,
         }
     }
 
@@ -493,6 +488,23 @@ impl Session {
     pub fn close(&mut self, pool: &mut Pool) {
         self.pair.close(pool);
         self.phase = Phase::Closed;
+    }
+}
+
+/// Has the non-blocking connect of `sock` finished? (See
+/// [`Session::check_connect`]; the pre-connected pool asks the same.)
+pub fn connect_state(sock: &TcpStream) -> Connect {
+    if sock.peer_addr().is_ok() {
+        return Connect::Done;
+    }
+    match sock.take_error() {
+        Ok(Some(e)) | Err(e) => return Connect::Failed(e),
+        Ok(None) => {}
+    }
+    match sock.peer_addr() {
+        Ok(_) => Connect::Done,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Connect::Pending,
+        Err(e) => Connect::Failed(e),
     }
 }
 

@@ -137,6 +137,10 @@ pub struct PortStats {
     pub lag_returns: u64,
     /// Times new clients started going to the fallback roles.
     pub fallbacks: u64,
+    /// Backend connections of a `preconnect` port served by a pooled
+    /// socket, and those that found none ready.
+    pub preconnect_hits: u64,
+    pub preconnect_misses: u64,
     /// How long clients that had to wait waited before they reached a
     /// backend (seconds).
     pub held_wait: Histogram,
@@ -152,6 +156,8 @@ impl Default for PortStats {
             lag_closes: 0,
             lag_returns: 0,
             fallbacks: 0,
+            preconnect_hits: 0,
+            preconnect_misses: 0,
             held_wait: Histogram::new(WAIT_BUCKETS),
         }
     }

@@ -31,6 +31,8 @@ pub struct PortView<'a> {
     pub sessions: usize,
     /// Of those, held: waiting for a routable member or for a retry.
     pub held: usize,
+    /// Pre-connected sockets ready for a client.
+    pub preconnected: usize,
 }
 
 impl<'a> StatsView<'a> {
@@ -44,6 +46,7 @@ impl<'a> StatsView<'a> {
                 members: &l.backends.members,
                 sessions,
                 held,
+                preconnected: self.proxy.warm.ready(k),
             }
         })
     }
@@ -268,6 +271,9 @@ fn render_port_stats(p: &PortView) -> Value {
         "lag_closes": p.stats.lag_closes,
         "lag_returns": p.stats.lag_returns,
         "fallbacks": p.stats.fallbacks,
+        "preconnected": p.preconnected,
+        "preconnect_hits": p.stats.preconnect_hits,
+        "preconnect_misses": p.stats.preconnect_misses,
         "sessions": p.sessions,
         "held": p.held,
         "members": members,

@@ -1,7 +1,8 @@
 //! The token layout of the poll: one place, round-trip tested.
 //!
-//! Low tokens are fixed; listeners, admin connections and sessions each get
-//! a range far from the others. A session owns two tokens (client side and
+//! Low tokens are fixed; listeners, admin, health and agent connections,
+//! pre-connected backend sockets and sessions each get a range far from the
+//! others. A session owns two tokens (client side and
 //! backend side), `SESSION_BASE + 2 * key + side`. A token that decodes to
 //! nothing is ignored, as a spurious event is.
 
@@ -17,13 +18,16 @@ const LISTENER_BASE: usize = 16;
 const ADMIN_BASE: usize = 1 << 16;
 const HEALTH_BASE: usize = 1 << 17;
 const AGENT_BASE: usize = 1 << 18;
+const WARM_BASE: usize = 1 << 19;
 const SESSION_BASE: usize = 1 << 20;
 
-/// Most listeners and admin, health and agent connections the ranges hold.
+/// Most listeners, admin, health and agent connections and pre-connected
+/// sockets the ranges hold.
 pub const MAX_LISTENERS: usize = ADMIN_BASE - LISTENER_BASE;
 pub const MAX_ADMIN_CONNS: usize = HEALTH_BASE - ADMIN_BASE;
 pub const MAX_HEALTH_CONNS: usize = AGENT_BASE - HEALTH_BASE;
-pub const MAX_AGENT_CONNS: usize = SESSION_BASE - AGENT_BASE;
+pub const MAX_AGENT_CONNS: usize = WARM_BASE - AGENT_BASE;
+pub const MAX_WARM: usize = SESSION_BASE - WARM_BASE;
 
 // The config refuses more ports than the listener range holds.
 const _: () = assert!(crate::config::MAX_PORTS <= MAX_LISTENERS);
@@ -47,6 +51,8 @@ pub enum Target {
     Admin(usize),
     Health(usize),
     Agent(usize),
+    /// A pre-connected backend socket (`warm.rs`).
+    Warm(usize),
     Session(usize, Side),
 }
 
@@ -70,6 +76,11 @@ pub fn agent(key: usize) -> Token {
     Token(AGENT_BASE + key)
 }
 
+pub fn warm(key: usize) -> Token {
+    debug_assert!(key < MAX_WARM);
+    Token(WARM_BASE + key)
+}
+
 pub fn session(key: usize, side: Side) -> Token {
     Token(SESSION_BASE + 2 * key + usize::from(side == Side::Backend))
 }
@@ -86,7 +97,8 @@ pub fn decode(token: Token) -> Option<Target> {
         _ if t < ADMIN_BASE => Target::Listener(t - LISTENER_BASE),
         _ if t < HEALTH_BASE => Target::Admin(t - ADMIN_BASE),
         _ if t < AGENT_BASE => Target::Health(t - HEALTH_BASE),
-        _ if t < SESSION_BASE => Target::Agent(t - AGENT_BASE),
+        _ if t < WARM_BASE => Target::Agent(t - AGENT_BASE),
+        _ if t < SESSION_BASE => Target::Warm(t - WARM_BASE),
         _ => {
             let k = t - SESSION_BASE;
             let side = if k % 2 == 0 {
@@ -116,6 +128,9 @@ mod tests {
         }
         for k in [0, 9, MAX_AGENT_CONNS - 1] {
             assert_eq!(decode(agent(k)), Some(Target::Agent(k)));
+        }
+        for k in [0, 3, MAX_WARM - 1] {
+            assert_eq!(decode(warm(k)), Some(Target::Warm(k)));
         }
         for k in [0, 1, 7, MAX_LISTENERS - 1] {
             assert_eq!(decode(listener(k)), Some(Target::Listener(k)));
