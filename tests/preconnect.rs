@@ -358,3 +358,55 @@ fn preconnect_limits_name_their_keys() {
         "{err}"
     );
 }
+
+#[test]
+fn a_reload_that_turns_preconnect_off_closes_the_pooled_connections() {
+    let n1 = Recorder::start(None);
+    let api = MockPatroni::start(&cluster(vec![leader("node1", &n1)]));
+    let rw = free_port();
+    let admin = free_port();
+    let cfg = |opts: &str| {
+        config(
+            admin,
+            &[api.url()],
+            &format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]{opts}}}"),
+            "",
+        )
+    };
+    let p = Proxy::start(&cfg(", preconnect: 3"));
+    assert!(wait_until(LONG, || n1.open() == 3), "{}", p.log());
+    p.rewrite_config(&cfg(", preconnect: 1"));
+    p.signal(libc::SIGHUP);
+    assert!(wait_until(LONG, || n1.open() == 1), "{:?}", n1.conns());
+    assert!(p.wait_log("keeps 1 pre-connected sockets per member"));
+    p.rewrite_config(&cfg(""));
+    p.signal(libc::SIGHUP);
+    assert!(wait_until(LONG, || n1.open() == 0), "{:?}", n1.conns());
+    assert!(echo(local(rw), "plain connect"));
+    assert_eq!(n1.conns().len(), 4, "three pooled, one for the client");
+}
+
+#[test]
+fn a_drain_closes_the_pooled_connections_and_keeps_the_sessions() {
+    let n1 = Recorder::start(None);
+    let api = MockPatroni::start(&cluster(vec![leader("node1", &n1)]));
+    let (mut p, rw) = proxy(&api, "preconnect: 2");
+    assert!(wait_until(LONG, || n1.open() == 2), "{}", p.log());
+    let mut c = TcpStream::connect(rw).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    c.read_exact(&mut got).unwrap();
+    assert!(wait_until(LONG, || n1.open() == 3), "{:?}", n1.conns());
+    p.signal(libc::SIGTERM);
+    assert!(
+        wait_until(LONG, || n1.open() == 1),
+        "only the session's connection stays: {:?}",
+        n1.conns()
+    );
+    c.write_all(b"pong").unwrap();
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"pong");
+    drop(c);
+    assert!(p.wait_exit(LONG).is_some_and(|s| s.success()));
+}
