@@ -405,7 +405,10 @@ impl Proxy {
     /// accepting and after reaping).
     pub(super) fn budget_pipes(&mut self) {
         let sessions = (self.sessions.len() + ACCEPT_BATCH).min(self.config.max_connections);
-        let base = fd_budget(sessions, self.listeners.len() + self.warm_budget(), 0);
+        // What the last fd check counted (a refill that opens more runs it
+        // again): no walk over every port per accept batch.
+        let warm = self.warm_budgeted.max(self.warm.len());
+        let base = fd_budget(sessions, self.listeners.len() + warm, 0);
         self.pool.set_max_pipes(pipes_within(self.fd_limit, base));
     }
 
