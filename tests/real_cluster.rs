@@ -809,26 +809,40 @@ fn h_first_api_host_dies_and_routing_goes_on() {
 #[ignore = "needs a real cluster: tests/cluster/run"]
 fn i_pgbench_new_connections_across_a_switchover() {
     let rig = rig();
-    let port = rig.rw.port().to_string();
-    let pgbench = |args: &[&str]| {
-        Command::new("pgbench")
-            .args(args)
-            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"])
-            .output()
-            .unwrap()
-    };
-    let init = pgbench(&["-i", "-s", "1", "-q"]);
+    let (n, candidate) = pgbench_across_a_switchover(&rig.c, &rig.proxy, rig.rw);
+    assert_eq!(
+        whereami(rig.rw, CONNECT).unwrap(),
+        (false, rig.c.node(&candidate).pg.port())
+    );
+    assert!(n.tx > 100, "pgbench made progress");
+    rig.c.run(&["wait"]);
+}
+
+/// `pgbench -S -C` through `port` (a leader port) while the leader is
+/// switched over to the first replica; reports and checks that no new
+/// connection failed for want of a backend. Returns the counts and the new
+/// leader.
+fn pgbench_across_a_switchover(
+    c: &Cluster,
+    proxy: &Proxy,
+    rw: SocketAddr,
+) -> (PgbenchCounts, String) {
+    let port = rw.port().to_string();
+    let init = Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q"])
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"])
+        .output()
+        .unwrap();
     assert!(
         init.status.success(),
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let old = rig.c.leader().name.clone();
-    let candidate = rig.c.replicas()[0].name.clone();
+    let old = c.leader().name.clone();
+    let candidate = c.replicas()[0].name.clone();
     let done = Arc::new(AtomicBool::new(false));
     let bench = {
         let done = done.clone();
-        let port = port.clone();
         thread::spawn(move || {
             // One-second runs, so that a client aborted by the switchover
             // does not silence the rest of the measurement.
@@ -848,14 +862,17 @@ fn i_pgbench_new_connections_across_a_switchover() {
         })
     };
     thread::sleep(Duration::from_secs(3));
-    rig.c.switchover(&old, &candidate);
-    rig.c.wait_new_leader(&old, Duration::from_secs(60));
+    c.switchover(&old, &candidate);
+    c.wait_new_leader(&old, Duration::from_secs(60));
     thread::sleep(Duration::from_secs(4));
     done.store(true, Ordering::SeqCst);
     let n = bench.join().unwrap();
-    let replayed = rig.proxy.log().matches("refused the start-up").count();
+    let replayed = proxy.log().matches("refused the start-up").count();
     report(
-        "pgbench -S -C across a switchover",
+        &format!(
+            "pgbench -S -C across a switchover ({})",
+            proxy_port_name(proxy, rw)
+        ),
         format!(
             "{} transactions; {} new connections refused by the old leader while it shut down, \
              {} transactions cut on it; {} connections failed otherwise; \
@@ -866,16 +883,24 @@ fn i_pgbench_new_connections_across_a_switchover() {
     for l in &n.lines {
         println!("  {l}");
     }
-    assert!(n.tx > 100, "pgbench made progress");
     assert_eq!(
         n.failed_otherwise, 0,
         "no new connection failed for want of a backend"
     );
-    assert_eq!(
-        whereami(rig.rw, CONNECT).unwrap(),
-        (false, rig.c.node(&candidate).pg.port())
-    );
-    rig.c.run(&["wait"]);
+    (n, candidate)
+}
+
+/// The name of the proxy's port listening on `addr`, for reports.
+fn proxy_port_name(proxy: &Proxy, addr: SocketAddr) -> String {
+    let status = proxy.status();
+    let ports = status["clusters"]["main"]["ports"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    ports
+        .iter()
+        .find(|(_, p)| p["listen"].as_str() == Some(addr.to_string().as_str()))
+        .map_or_else(|| addr.to_string(), |(name, _)| name.clone())
 }
 
 /// What pgbench -C runs reported.
@@ -1325,6 +1350,80 @@ fn m_switchover_with_many_open_sessions() {
         "any sessions on members not restarted survive"
     );
     assert_eq!(rw_alive, 0, "rw sessions on the old leader are closed");
+}
+
+/// One sample of the proxy's `/metrics`: the value of `name` on port
+/// `port` of cluster `main`.
+fn port_metric(proxy: &Proxy, name: &str, port: &str) -> Option<f64> {
+    let (_, body) = proxy.get("/metrics").ok()?;
+    let labels = format!("{{cluster=\"main\",port=\"{port}\"}}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(labels.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn n_preconnected_leader_port_across_a_switchover() {
+    // `preconnect: 3` on a leader port: PostgreSQL accepts the pooled
+    // connections (its fork done ahead of the client), clients are handed
+    // them, and across a switchover no client gets one to the old leader.
+    let c = cluster();
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let pc = free_port();
+    let ports = format!(
+        "pc: {{listen: \"127.0.0.1:{pc}\", roles: [leader], backend_wait_timeout: 40, preconnect: 3}}"
+    );
+    let cfg = util::config(free_port(), &hosts, &ports, "").replace(
+        "cluster_update_interval: 0.2",
+        &format!("cluster_update_interval: {INTERVAL}"),
+    );
+    let proxy = Proxy::start(&cfg);
+    let addr = SocketAddr::from(([127, 0, 0, 1], pc));
+    proxy.wait_backends("main", "pc", &[c.leader().name.as_str()]);
+    let ready = |n: f64| {
+        wait_until(Duration::from_secs(20), || {
+            port_metric(&proxy, "patroni_proxy_port_preconnected", "pc") == Some(n)
+        })
+    };
+    assert!(
+        ready(3.0),
+        "3 pooled connections to the leader: {}",
+        proxy.log()
+    );
+    let leader_port = c.leader().pg.port();
+    for _ in 0..20 {
+        assert_eq!(whereami(addr, CONNECT).unwrap(), (false, leader_port));
+    }
+    let hits = port_metric(&proxy, "patroni_proxy_port_preconnect_hits_total", "pc").unwrap_or(0.0);
+    assert!(
+        hits >= 10.0,
+        "most of 20 sequential clients got a pooled connection: {hits}"
+    );
+
+    let (n, candidate) = pgbench_across_a_switchover(&c, &proxy, addr);
+    assert!(n.tx > 100, "pgbench made progress");
+    c.run(&["wait"]);
+    let new_port = c.node(&candidate).pg.port();
+    assert!(
+        wait_until(Duration::from_secs(20), || whereami(addr, CONNECT)
+            == Ok((false, new_port))),
+        "the port reaches the new leader"
+    );
+    // Whatever the pool held when the switchover happened, every client
+    // from now on is on the new leader, pooled or not.
+    for _ in 0..20 {
+        assert_eq!(whereami(addr, CONNECT).unwrap(), (false, new_port));
+    }
+    assert!(ready(3.0), "3 pooled connections to the new leader");
+    let after =
+        port_metric(&proxy, "patroni_proxy_port_preconnect_hits_total", "pc").unwrap_or(0.0);
+    let misses =
+        port_metric(&proxy, "patroni_proxy_port_preconnect_misses_total", "pc").unwrap_or(0.0);
+    report(
+        "preconnect: 3 on the leader port",
+        format!("{after} clients handed a pooled connection, {misses} found none ready"),
+    );
 }
 
 // ---- HTTPS-only REST API with verify_client: required ------------------------
