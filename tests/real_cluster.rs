@@ -1426,6 +1426,119 @@ fn n_preconnected_leader_port_across_a_switchover() {
     );
 }
 
+/// Drops every packet of one TCP connection (by its local port on
+/// loopback) while it lives: an nftables table of its own, deleted on drop.
+struct Blackhole;
+
+impl Blackhole {
+    const TABLE: &'static str = "pp_blackhole";
+
+    /// `None` when nftables cannot be used here (no CAP_NET_ADMIN).
+    fn port(port: u16) -> Option<Blackhole> {
+        let nft = |args: &str| {
+            Command::new("nft")
+                .args(args.split(' '))
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        let _ = nft(&format!("delete table inet {}", Self::TABLE));
+        let t = Self::TABLE;
+        let ok = nft(&format!("add table inet {t}"))
+            && nft(&format!(
+                "add chain inet {t} out {{ type filter hook output priority 0 ; }}"
+            ))
+            && nft(&format!("add rule inet {t} out tcp sport {port} drop"))
+            && nft(&format!("add rule inet {t} out tcp dport {port} drop"));
+        let hole = Blackhole;
+        ok.then_some(hole)
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", Self::TABLE])
+            .output();
+    }
+}
+
+/// The local port of process `pid`'s established TCP connections to `to`.
+fn local_ports_to(pid: i32, to: SocketAddr) -> Vec<u16> {
+    let out = Command::new("ss")
+        .args(["-Htnp", "state", "established", "dst", &to.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(2)?
+                .rsplit_once(':')?
+                .1
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn o_blackholed_backend_ends_its_session_within_tcp_user_timeout() {
+    // A member that vanishes from the network mid-session: every packet of
+    // the session's backend connection is dropped, PostgreSQL and Patroni
+    // are untouched. With `tcp_user_timeout: 3` the query that was sent
+    // into the hole fails within seconds, not after the kernel's 15 minutes
+    // of retransmissions.
+    let c = cluster();
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let rw = free_port();
+    let ports = format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}");
+    let cfg = util::config(free_port(), &hosts, &ports, "tcp_user_timeout: 3");
+    let proxy = Proxy::start(&cfg);
+    let leader = c.leader();
+    proxy.wait_backends("main", "rw", &[leader.name.as_str()]);
+    let mut s = Pg::connect(SocketAddr::from(([127, 0, 0, 1], rw)), CONNECT).unwrap();
+    assert_eq!(s.whereami().unwrap(), (false, leader.pg.port()));
+    let backend = local_ports_to(proxy.pid(), leader.pg);
+    assert_eq!(backend.len(), 1, "one backend connection: {backend:?}");
+    let Some(hole) = Blackhole::port(backend[0]) else {
+        report(
+            "blackholed backend",
+            "skipped: nft is not usable here (needs CAP_NET_ADMIN)".into(),
+        );
+        return;
+    };
+    let sent = Instant::now();
+    let r = s.query("SELECT 1");
+    let took = sent.elapsed();
+    drop(hole);
+    report(
+        "blackholed backend",
+        format!(
+            "the query sent into the hole failed after {:.1}s with tcp_user_timeout: 3 ({r:?})",
+            took.as_secs_f64()
+        ),
+    );
+    assert!(r.is_err(), "the session ended");
+    assert!(
+        took >= Duration::from_secs(2) && took <= Duration::from_secs(20),
+        "ended by the user timeout: {took:?}"
+    );
+    assert!(
+        proxy.wait_log("timed out"),
+        "the proxy logs why: {}",
+        proxy.log()
+    );
+    // The member itself is fine: a new session reaches it.
+    assert_eq!(
+        whereami(SocketAddr::from(([127, 0, 0, 1], rw)), CONNECT)
+            .unwrap()
+            .1,
+        leader.pg.port()
+    );
+}
+
 // ---- HTTPS-only REST API with verify_client: required ------------------------
 
 /// The cluster, which must have been started with `CLUSTER_TLS=1`.
