@@ -410,3 +410,24 @@ fn a_drain_closes_the_pooled_connections_and_keeps_the_sessions() {
     drop(c);
     assert!(p.wait_exit(LONG).is_some_and(|s| s.success()));
 }
+
+#[test]
+fn a_member_that_refuses_connects_is_retried_after_a_backoff() {
+    // Nothing listens there: every connect is refused.
+    let gone = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = gone.local_addr().unwrap();
+    drop(gone);
+    let api = MockPatroni::start(&cluster(vec![member(
+        "node1", "leader", "running", addr, None,
+    )]));
+    let (p, _rw) = proxy(&api, "preconnect: 2");
+    let failed = || p.log().matches("connect failed").count();
+    // Retried within seconds (each after the backoff), not once per
+    // preconnect_max_age, and not in a tight loop.
+    assert!(wait_until(LONG, || failed() >= 3), "{}", p.log());
+    let before = failed();
+    thread::sleep(Duration::from_secs(3));
+    let during = failed() - before;
+    assert!((1..=6).contains(&during), "{during} failed connects in 3 s");
+    assert_eq!(metric(&p, "patroni_proxy_port_preconnected"), Some(0.0));
+}

@@ -354,18 +354,23 @@ impl Warm {
                 }
                 let entry = self.socks.vacant_entry();
                 let key = entry.key();
+                // On loopback the connect is often over already, done or
+                // refused: a refusal read here (it clears SO_ERROR) must
+                // count now, or the socket would look pending for good.
                 let opened = open(addr).and_then(|mut sock| {
+                    let connected = match connect_state(&sock) {
+                        Connect::Failed(e) => return Err(e),
+                        c => matches!(c, Connect::Done),
+                    };
                     registry.register(
                         &mut sock,
                         token::warm(key),
                         Interest::READABLE | Interest::WRITABLE,
                     )?;
-                    Ok(sock)
+                    Ok((sock, connected))
                 });
                 match opened {
-                    Ok(sock) => {
-                        // On loopback the connect is often done already.
-                        let connected = matches!(connect_state(&sock), Connect::Done);
+                    Ok((sock, connected)) => {
                         entry.insert(WarmSock {
                             sock,
                             listener: lk,
