@@ -298,11 +298,13 @@ impl Proxy {
 
     /// Its member stopped being routable while the session connected: drop
     /// the connect and route again. Its backend is gone from the port's
-    /// list, so there is no counter to release.
+    /// list; the release lets its member's counters go.
     fn reroute(&mut self, key: usize) {
         if let Some(s) = self.sessions.get_mut(key) {
             s.pair.drop_backend(self.poll.registry());
-            s.target = None;
+            if let (Some(t), Some(l)) = (s.target.take(), self.listeners.get_mut(s.listener)) {
+                l.backends.release(&t);
+            }
             self.route(key);
         }
     }

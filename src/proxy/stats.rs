@@ -2,17 +2,20 @@
 //!
 //! - [`PortStats`] lives in its `Listener` (indexed by the listener's slab
 //!   key, like the port): sessions accepted, refused and closed, by reason.
-//! - [`MemberStats`] lives in the port too, one per member the port ever
-//!   routed to, at a fixed index (`Target::slot`): bytes each way, connects
-//!   and connect failures. It outlives the member's place in the backend
-//!   list, so a session that ends after its member left is still counted.
+//! - [`MemberStats`] lives in the port too, one per member in the port's
+//!   backend list or targeted by one of its sessions, at a fixed slot
+//!   (`Target::slot`): bytes each way, connects and connect failures. It
+//!   outlives the member's place in the backend list while sessions remain,
+//!   so a session that ends after its member left is still counted; then it
+//!   goes (`listener.rs`), and so do the member's series in `/metrics`.
 //! - [`ClusterStats`] lives in its `ClusterState`: polls, failed polls and
 //!   leader changes.
 //! - [`ProxyStats`]: process-wide events (accept pauses, start-up retries).
 //!
 //! Nothing is allocated per session; a counter only ever grows (Prometheus
-//! counter semantics). Gauges (sessions now, sessions held) are not kept
-//! here: they are counted from the session table when read (`status.rs`).
+//! counter semantics). Gauges are not kept here, but for
+//! `MemberStats::sessions`: the others (sessions now, sessions held) are
+//! counted from the session table when read (`status.rs`).
 
 use std::rc::Rc;
 
@@ -171,6 +174,9 @@ pub struct MemberStats {
     pub connect_failures: u64,
     /// Sessions on this member that ended while relaying, by reason.
     pub closed: ByReason,
+    /// Sessions of the port on this member now (connecting or connected):
+    /// while any, the entry stays.
+    pub sessions: u32,
 }
 
 impl MemberStats {
@@ -182,18 +188,7 @@ impl MemberStats {
             connects: 0,
             connect_failures: 0,
             closed: ByReason::default(),
-        }
-    }
-}
-
-/// The index of `member` in `members`, added if new. The index never
-/// changes afterwards.
-pub fn member_slot(members: &mut Vec<MemberStats>, member: &str) -> usize {
-    match members.iter().position(|m| &*m.member == member) {
-        Some(i) => i,
-        None => {
-            members.push(MemberStats::new(Rc::from(member)));
-            members.len() - 1
+            sessions: 0,
         }
     }
 }
@@ -349,15 +344,5 @@ mod tests {
         ] {
             assert_eq!(PollError::classify(msg), want, "{msg}");
         }
-    }
-
-    #[test]
-    fn member_slots_are_stable() {
-        let mut m = Vec::new();
-        assert_eq!(member_slot(&mut m, "a"), 0);
-        assert_eq!(member_slot(&mut m, "b"), 1);
-        m[0].bytes_up = 5;
-        assert_eq!(member_slot(&mut m, "a"), 0);
-        assert_eq!(m[0].bytes_up, 5);
     }
 }
