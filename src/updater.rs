@@ -55,7 +55,7 @@ pub struct Update {
     /// Which updater instance sent it (a reload may replace one).
     pub updater: u64,
     pub cluster: String,
-    pub outcome: Result<Polled, String>,
+    pub outcome: Result<Polled, PollFailure>,
     /// The `RefreshNow` requests this poll answers.
     pub requests: Vec<u64>,
     /// How long the poll took, every host tried included.
@@ -71,6 +71,50 @@ pub struct Polled {
     pub host: String,
     /// The new topology, or `None` when it equals the last one sent.
     pub topology: Option<Topology>,
+}
+
+/// A failed poll: what went wrong with the last host tried (which decides
+/// the kind), and every host's failure in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollFailure {
+    pub kind: PollError,
+    /// `host: error` per host tried, joined by `; `.
+    pub message: String,
+}
+
+/// Why a request to a Patroni host failed, as `/metrics` counts it: set
+/// where the failure happens, never read back from the wording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollError {
+    /// No connection, a failed TLS handshake, or the connection broke or
+    /// closed before a whole answer.
+    Connect,
+    /// No whole answer within `api_timeout`.
+    Timeout,
+    /// An HTTP status other than 200.
+    Status,
+    /// An answer that is not a usable `/cluster` document: not HTTP, too
+    /// large, not JSON, no members.
+    Body,
+}
+
+impl PollError {
+    pub const ALL: [PollError; 4] = [
+        PollError::Connect,
+        PollError::Timeout,
+        PollError::Status,
+        PollError::Body,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PollError::Connect => "connect",
+            PollError::Timeout => "timeout",
+            PollError::Status => "http_status",
+            PollError::Body => "body",
+        }
+    }
 }
 
 /// A message from the event loop to an updater thread.
@@ -92,16 +136,26 @@ pub struct Settings {
 }
 
 /// Why a fetch failed: TLS failures are logged and counted apart.
+#[derive(Debug)]
 enum FetchFailure {
     Tls(tls::Failure),
-    Other(String),
+    Other(PollError, String),
+}
+
+impl FetchFailure {
+    fn kind(&self) -> PollError {
+        match self {
+            FetchFailure::Tls(_) => PollError::Connect,
+            FetchFailure::Other(k, _) => *k,
+        }
+    }
 }
 
 impl std::fmt::Display for FetchFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FetchFailure::Tls(t) => write!(f, "TLS: {}", t.words),
-            FetchFailure::Other(s) => f.write_str(s),
+            FetchFailure::Other(_, s) => f.write_str(s),
         }
     }
 }
@@ -298,7 +352,7 @@ impl Worker {
     }
 
     /// Tries the hosts until one answers; resolves member addresses.
-    fn poll_once(&mut self) -> Result<Polled, String> {
+    fn poll_once(&mut self) -> Result<Polled, PollFailure> {
         let now = Instant::now();
         let mut order: Vec<&String> = self.settings.hosts.iter().collect();
         // Stable sort: hosts in penalty go last, config order otherwise kept.
@@ -310,6 +364,7 @@ impl Worker {
         let order: Vec<String> = order.into_iter().cloned().collect();
 
         let mut errors = Vec::new();
+        let mut kind = PollError::Connect;
         for host in order {
             match self.fetch(&host) {
                 Ok(parsed) => {
@@ -358,16 +413,17 @@ impl Worker {
                     debug!("cluster={} host={host} poll failed: {e}", self.cluster);
                     self.failed_at.insert(host.clone(), Instant::now());
                     errors.push(format!("{host}: {e}"));
+                    kind = e.kind();
                 }
             }
         }
-        let msg = if errors.is_empty() {
+        let message = if errors.is_empty() {
             "no hosts configured".to_string()
         } else {
             errors.join("; ")
         };
-        self.failing(&msg);
-        Err(msg)
+        self.failing(&message);
+        Err(PollFailure { kind, message })
     }
 
     fn fetch(&self, host: &str) -> Result<patroni::Parsed, FetchFailure> {
@@ -388,7 +444,7 @@ impl Worker {
             )
             .map_err(|e| match e {
                 https::FetchError::Tls(t) => FetchFailure::Tls(tls::describe(&t, has_cert)),
-                https::FetchError::Other(s) => FetchFailure::Other(s),
+                https::FetchError::Other(k, s) => FetchFailure::Other(k, s),
             })?,
             _ => {
                 let url = format!("{host}/cluster");
@@ -404,21 +460,15 @@ impl Worker {
                     .limit(MAX_BODY_BYTES)
                     .read_to_vec()
                     .map_err(|e| match ureq_failure(e, has_cert) {
-                        FetchFailure::Other(s) => FetchFailure::Other(format!("reading body: {s}")),
+                        FetchFailure::Other(k, s) => {
+                            FetchFailure::Other(k, format!("reading body: {s}"))
+                        }
                         tls => tls,
                     })?;
                 (status, body)
             }
         };
-        if status != 200 {
-            let hint = match status {
-                401 => " (check username and password_file)",
-                403 => " (forbidden: check Patroni's allowlist and client certificate)",
-                _ => "",
-            };
-            return Err(FetchFailure::Other(format!("HTTP status {status}{hint}")));
-        }
-        patroni::parse(&body).map_err(FetchFailure::Other)
+        answer(status, &body)
     }
 
     /// Fills in `ip` for every member with a host: IP literals (IPv6 with or
@@ -549,6 +599,22 @@ fn tls_config(m: Option<&ClientMaterial>) -> ureq::tls::TlsConfig {
         .build()
 }
 
+/// What a host's answer says: its `/cluster` document, or why not.
+fn answer(status: u16, body: &[u8]) -> Result<patroni::Parsed, FetchFailure> {
+    if status != 200 {
+        let hint = match status {
+            401 => " (check username and password_file)",
+            403 => " (forbidden: check Patroni's allowlist and client certificate)",
+            _ => "",
+        };
+        return Err(FetchFailure::Other(
+            PollError::Status,
+            format!("HTTP status {status}{hint}"),
+        ));
+    }
+    patroni::parse(body).map_err(|e| FetchFailure::Other(PollError::Body, e))
+}
+
 /// A ureq error, with the rustls error inside it (if any) put into words.
 fn ureq_failure(e: ureq::Error, has_cert: bool) -> FetchFailure {
     let inner = match &e {
@@ -556,10 +622,18 @@ fn ureq_failure(e: ureq::Error, has_cert: bool) -> FetchFailure {
         ureq::Error::Io(io) => tls::rustls_error(io),
         _ => None,
     };
-    match inner {
-        Some(t) => FetchFailure::Tls(tls::describe(t, has_cert)),
-        None => FetchFailure::Other(e.to_string()),
+    if let Some(t) = inner {
+        return FetchFailure::Tls(tls::describe(t, has_cert));
     }
+    let kind = match &e {
+        ureq::Error::Timeout(_) => PollError::Timeout,
+        ureq::Error::Io(io) if https::is_timeout(io) => PollError::Timeout,
+        ureq::Error::Protocol(_)
+        | ureq::Error::LargeResponseHeader(..)
+        | ureq::Error::BodyExceedsLimit(_) => PollError::Body,
+        _ => PollError::Connect,
+    };
+    FetchFailure::Other(kind, e.to_string())
 }
 
 #[cfg(test)]
@@ -574,6 +648,170 @@ mod tests {
                 member("m2", replica_role, "streaming", replica_lag),
             ],
             ..Topology::default()
+        }
+    }
+
+    /// A worker for `hosts`, with a short `api_timeout`.
+    fn worker(hosts: Vec<String>) -> Worker {
+        let settings = Settings {
+            hosts,
+            interval: Duration::from_secs(1),
+            api_timeout: Duration::from_millis(300),
+            tls: None,
+        };
+        let (tx, _) = std::sync::mpsc::channel();
+        Worker::new(1, "c".into(), settings, tx, Arc::new(|| {}))
+    }
+
+    /// A loopback HTTP host that answers every request with `answer`
+    /// (`None`: accepts and says nothing, keeping the connection).
+    fn host(answer: Option<&str>) -> String {
+        use std::io::{Read, Write};
+        let answer = answer.map(str::to_string);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = c.read(&mut buf);
+                match &answer {
+                    Some(a) => {
+                        let _ = c.write_all(a.as_bytes());
+                    }
+                    None => kept.push(c),
+                }
+            }
+        });
+        url
+    }
+
+    /// A host that sends a head and part of the body, then stalls.
+    fn stalled_body() -> String {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for mut c in l.incoming().flatten() {
+                let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 99\r\n\r\n{");
+                kept.push(c);
+            }
+        });
+        url
+    }
+
+    fn refused() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    fn failure(hosts: Vec<String>) -> PollFailure {
+        worker(hosts).poll_once().unwrap_err()
+    }
+
+    #[test]
+    fn poll_errors_carry_their_kind_from_where_they_happen() {
+        let ok = "HTTP/1.0 200 OK\r\n\r\n";
+        for (hosts, want) in [
+            (vec![refused()], PollError::Connect),
+            (vec![host(Some(""))], PollError::Connect),
+            (vec![host(None)], PollError::Timeout),
+            (
+                vec![host(Some("HTTP/1.0 503 Service Unavailable\r\n\r\nno"))],
+                PollError::Status,
+            ),
+            (
+                vec![host(Some("HTTP/1.0 401 Unauthorized\r\n\r\n"))],
+                PollError::Status,
+            ),
+            (vec![host(Some(&format!("{ok}not json")))], PollError::Body),
+            (
+                vec![host(Some(&format!("{ok}{{\"scope\": \"c\"}}")))],
+                PollError::Body,
+            ),
+            (
+                vec![host(Some("SSH-2.0-OpenSSH_9.2\r\n\r\n"))],
+                PollError::Body,
+            ),
+        ] {
+            let f = failure(hosts);
+            assert_eq!(f.kind, want, "{}", f.message);
+        }
+    }
+
+    #[test]
+    fn the_last_host_tried_decides_the_kind() {
+        let status = host(Some("HTTP/1.0 500 Oops\r\n\r\n"));
+        let f = failure(vec![host(None), status.clone()]);
+        assert_eq!(f.kind, PollError::Status, "{}", f.message);
+        assert!(f.message.contains("; "), "both hosts: {}", f.message);
+        let f = failure(vec![status, refused()]);
+        assert_eq!(f.kind, PollError::Connect, "{}", f.message);
+        assert_eq!(failure(Vec::new()).kind, PollError::Connect);
+        // Words of one kind in a message of another do not mislead.
+        let f = failure(vec![stalled_body()]);
+        assert_eq!(f.kind, PollError::Timeout, "{}", f.message);
+        assert!(f.message.contains("reading body"), "{}", f.message);
+        let f = failure(vec![refused() + "/timeout"]);
+        assert_eq!(f.kind, PollError::Connect, "{}", f.message);
+    }
+
+    #[test]
+    fn ureq_errors_map_to_kinds_whatever_their_wording() {
+        use std::io::{Error as IoError, ErrorKind};
+        for (e, want) in [
+            (
+                ureq::Error::Timeout(ureq::Timeout::Global),
+                PollError::Timeout,
+            ),
+            (
+                ureq::Error::Timeout(ureq::Timeout::Connect),
+                PollError::Timeout,
+            ),
+            (
+                ureq::Error::Io(IoError::new(ErrorKind::WouldBlock, "x")),
+                PollError::Timeout,
+            ),
+            (
+                ureq::Error::Io(IoError::new(ErrorKind::ConnectionReset, "timeout")),
+                PollError::Connect,
+            ),
+            (ureq::Error::HostNotFound, PollError::Connect),
+            (ureq::Error::ConnectionFailed, PollError::Connect),
+            (ureq::Error::BodyExceedsLimit(9), PollError::Body),
+            (
+                ureq::Error::Rustls(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer,
+                )),
+                PollError::Connect,
+            ),
+        ] {
+            let shown = e.to_string();
+            assert_eq!(ureq_failure(e, false).kind(), want, "{shown}");
+        }
+        assert!(matches!(
+            ureq_failure(ureq::Error::Rustls(rustls::Error::DecryptError), false),
+            FetchFailure::Tls(_)
+        ));
+    }
+
+    #[test]
+    fn answers_are_judged_by_status_then_body() {
+        let f = |status, body: &[u8]| answer(status, body).map(|_| ()).unwrap_err().kind();
+        assert_eq!(f(503, b"{}"), PollError::Status);
+        assert_eq!(f(200, b"HTTP status 503"), PollError::Body);
+        assert_eq!(f(200, b"[]"), PollError::Body);
+        assert!(answer(200, br#"{"members": []}"#).is_ok());
+    }
+
+    #[test]
+    fn every_kind_has_its_own_label() {
+        let names: HashSet<&str> = PollError::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), PollError::ALL.len());
+        for (i, k) in PollError::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "ALL is in index order");
         }
     }
 

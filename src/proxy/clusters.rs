@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn, Level};
 use mio::Waker;
 
-use super::stats::{ClusterStats, PollError};
+use super::stats::ClusterStats;
 use super::Proxy;
 use crate::config::{ClusterConfig, Config};
 use crate::error::{Error, Result};
@@ -219,7 +219,7 @@ impl Clusters {
         &mut self,
         cluster: &str,
         updater: u64,
-        outcome: std::result::Result<updater::Polled, String>,
+        outcome: std::result::Result<updater::Polled, updater::PollFailure>,
         took: Duration,
         tls_failures: u64,
         now: Instant,
@@ -236,8 +236,8 @@ impl Clusters {
         let polled = match outcome {
             Err(e) => {
                 c.stats.poll_errors += 1;
-                c.stats.poll_errors_by[PollError::classify(&e) as usize] += 1;
-                c.last_error = Some(e);
+                c.stats.poll_errors_by[e.kind as usize] += 1;
+                c.last_error = Some(e.message);
                 return false;
             }
             Ok(polled) => polled,
@@ -315,7 +315,7 @@ impl Proxy {
     /// everything that is there).
     pub(super) fn drain_updates(&mut self) {
         while let Some(u) = self.clusters.next_update() {
-            let failure = u.outcome.as_ref().err().cloned();
+            let failure = u.outcome.as_ref().err().map(|e| e.message.clone());
             let changed = self.clusters.apply(
                 &u.cluster,
                 u.updater,

@@ -193,53 +193,9 @@ impl MemberStats {
     }
 }
 
-/// Why a poll failed (the last host's failure decides).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PollError {
-    /// No connection, or it broke.
-    Connect,
-    Timeout,
-    /// An HTTP status other than 200.
-    Status,
-    /// A body that is not a `/cluster` document.
-    Body,
-}
-
-impl PollError {
-    pub const ALL: [PollError; 4] = [
-        PollError::Connect,
-        PollError::Timeout,
-        PollError::Status,
-        PollError::Body,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PollError::Connect => "connect",
-            PollError::Timeout => "timeout",
-            PollError::Status => "http_status",
-            PollError::Body => "body",
-        }
-    }
-
-    /// From the updater's message (the last `host: error` part decides).
-    pub fn classify(msg: &str) -> PollError {
-        let last = msg.rsplit("; ").next().unwrap_or(msg);
-        if last.contains("HTTP status") {
-            PollError::Status
-        } else if last.contains("not JSON")
-            || last.contains("members")
-            || last.contains("not a JSON")
-            || last.contains("reading body")
-        {
-            PollError::Body
-        } else if last.contains("imeout") || last.contains("timed out") {
-            PollError::Timeout
-        } else {
-            PollError::Connect
-        }
-    }
-}
+/// Why a poll failed (the last host's failure decides), as the updater
+/// reports it.
+pub use crate::updater::PollError;
 
 /// Poll durations, from 1 ms to the longest sensible `api_timeout`.
 pub const POLL_BUCKETS: &[f64] = &[
@@ -328,21 +284,5 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), CloseReason::ALL.len());
-    }
-
-    #[test]
-    fn poll_errors_are_classified_by_the_last_host() {
-        for (msg, want) in [
-            ("http://a/cluster: HTTP status 503", PollError::Status),
-            (
-                "a: timeout: global; b: Connection refused",
-                PollError::Connect,
-            ),
-            ("a: HTTP status 500; b: io: timed out", PollError::Timeout),
-            ("a: not JSON: expected value", PollError::Body),
-            ("no hosts configured", PollError::Connect),
-        ] {
-            assert_eq!(PollError::classify(msg), want, "{msg}");
-        }
     }
 }
