@@ -37,7 +37,7 @@ use std::time::Duration;
 use crate::topology::{is_draining, Member, Role, Topology};
 
 /// Patroni's default `maximum_lag_on_failover` (1 MiB).
-pub const DEFAULT_MAXIMUM_LAG_ON_FAILOVER: u64 = 1 << 20;
+pub const DEFAULT_MAXIMUM_LAG_ON_FAILOVER: i64 = 1 << 20;
 /// Longest agent-check line read.
 pub const MAX_AGENT_LINE: usize = 1024;
 
@@ -189,13 +189,7 @@ fn percent_decode(s: &str) -> String {
 /// case-sensitive unit `B`, `kB`, `MB`, `GB`, `TB`, rounded to the next
 /// smaller unit as PostgreSQL does. `None` where Patroni gets `None`.
 pub fn parse_size(value: &str) -> Option<i64> {
-    let v = value.trim();
-    let (mut val, mut unit) = strtol(v);
-    if val.is_none() && unit.starts_with('.') || unit.starts_with(['.', 'e', 'E']) {
-        (val, unit) = strtod(v);
-    }
-    let val = val?;
-    let unit = unit.trim();
+    let (val, unit) = number(value)?;
     if unit.is_empty() {
         return Some(rint(val) as i64);
     }
@@ -209,6 +203,27 @@ pub fn parse_size(value: &str) -> Option<i64> {
     };
     let bytes = rint(val * mult / round) * round;
     Some(rint(bytes) as i64)
+}
+
+/// Patroni's `parse_int(value)` without a base unit (how its global
+/// configuration reads integers): as [`parse_size`], but a value with any
+/// unit at all is `None`.
+pub fn parse_int(value: &str) -> Option<i64> {
+    match number(value)? {
+        (val, "") => Some(rint(val) as i64),
+        _ => None,
+    }
+}
+
+/// The number at the start of `value` (strtol, or strtod when the rest
+/// starts with `.`/`e`), and the trimmed rest.
+fn number(value: &str) -> Option<(f64, &str)> {
+    let v = value.trim();
+    let (mut val, mut unit) = strtol(v);
+    if val.is_none() && unit.starts_with('.') || unit.starts_with(['.', 'e', 'E']) {
+        (val, unit) = strtod(v);
+    }
+    Some((val?, unit.trim()))
 }
 
 /// strtol with base 0 on a trimmed string: (value, rest).
@@ -449,7 +464,7 @@ fn readiness(q: &Query, t: &Topology, m: &Member) -> (u16, String) {
     let lag = if write { m.receive_lag } else { m.replay_lag }.or(m.lag);
     let max = q.lag.unwrap_or_else(|| {
         t.maximum_lag_on_failover
-            .unwrap_or(DEFAULT_MAXIMUM_LAG_ON_FAILOVER) as i64
+            .unwrap_or(DEFAULT_MAXIMUM_LAG_ON_FAILOVER)
     });
     let mode = if write { "write" } else { "apply" };
     match lag {
@@ -907,6 +922,21 @@ mod tests {
             ("08", None),
         ] {
             assert_eq!(parse_size(s), want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn parse_int_takes_no_unit() {
+        for (s, want) in [
+            ("2097152", Some(2 << 20)),
+            (" 0x10 ", Some(16)),
+            ("1e3", Some(1000)),
+            ("2.5", Some(2)),
+            ("16MB", None),
+            ("1B", None),
+            ("True", None),
+        ] {
+            assert_eq!(parse_int(s), want, "{s:?}");
         }
     }
 

@@ -17,6 +17,13 @@
 //! body; a host that failed is tried after the others for [`HOST_PENALTY`],
 //! so a hung first host does not cost a timeout on every poll.
 //!
+//! With a health listener configured ([`Settings::read_config`]), the
+//! thread also reads `GET /config` for `maximum_lag_on_failover` (what
+//! `/readiness` without `lag=` compares with): from the host that just
+//! answered `/cluster`, after that poll's update went, on the first good
+//! poll and then every [`CONFIG_INTERVAL`]. The value travels in the
+//! topology of the next poll, which follows at once when it changed.
+//!
 //! HTTPS: ureq with rustls (ring), the roots always given explicitly from
 //! the cluster's [`ClientMaterial`]; hosts with `verify_hostname: false`
 //! go through [`crate::https`] instead, as ureq cannot take a verifier of
@@ -33,6 +40,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::dns;
+use crate::health::DEFAULT_MAXIMUM_LAG_ON_FAILOVER;
 use crate::https;
 use crate::patroni;
 use crate::tls::{self, ClientMaterial};
@@ -48,6 +56,9 @@ pub const HOST_PENALTY: Duration = Duration::from_secs(10);
 pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 /// How often a failure that persists is logged again at warn level.
 const FAILURE_REMINDER: Duration = Duration::from_secs(60);
+/// How often `GET /config` is read (for `maximum_lag_on_failover`), when
+/// [`Settings::read_config`]; a failed read is retried as late.
+pub const CONFIG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A message from an updater thread to the event loop.
 #[derive(Debug)]
@@ -133,6 +144,9 @@ pub struct Settings {
     pub api_timeout: Duration,
     /// Compared by content: rotated certificates restart the updater.
     pub tls: Option<Arc<ClientMaterial>>,
+    /// Read `GET /config` too: a health listener answers `/readiness`
+    /// with the cluster's `maximum_lag_on_failover`.
+    pub read_config: bool,
 }
 
 /// Why a fetch failed: TLS failures are logged and counted apart.
@@ -237,6 +251,10 @@ struct Worker {
     complaints: HashSet<String>,
     /// First failure of the current run of failures, and the last warn.
     failing_since: Option<(Instant, Instant)>,
+    /// `maximum_lag_on_failover` from the last good `/config`.
+    max_lag: Option<i64>,
+    /// When `/config` was last asked for, and whether that failed.
+    config_asked: Option<(Instant, bool)>,
 }
 
 /// Whether a new answer opens the fast-poll window: a routing change after
@@ -302,6 +320,8 @@ impl Worker {
             dns: dns::Dns::new(Arc::new(dns::system_lookup)),
             complaints: HashSet::new(),
             failing_since: None,
+            max_lag: None,
+            config_asked: None,
         }
     }
 
@@ -310,6 +330,7 @@ impl Worker {
         loop {
             let started = Instant::now();
             let outcome = self.poll_once();
+            let answered = outcome.as_ref().ok().map(|p| p.host.clone());
             let update = Update {
                 updater: self.id,
                 cluster: self.cluster.clone(),
@@ -322,8 +343,15 @@ impl Worker {
                 return; // the loop is gone
             }
             (self.wake)();
+            // After the update went, so a slow `/config` never delays one;
+            // a new value goes with the next poll, at once.
+            let new_max_lag = answered.is_some_and(|host| self.read_config(&host));
 
-            let wait = (started + self.period()).saturating_duration_since(Instant::now());
+            let wait = if new_max_lag {
+                Duration::ZERO
+            } else {
+                (started + self.period()).saturating_duration_since(Instant::now())
+            };
             match commands.recv_timeout(wait) {
                 Ok(UpdaterCommand::RefreshNow(id)) => {
                     requests.push(id);
@@ -382,6 +410,7 @@ impl Worker {
                         self.last_skipped = parsed.skipped;
                     }
                     let mut topology = parsed.topology;
+                    topology.maximum_lag_on_failover = self.max_lag;
                     self.resolve(&mut topology);
                     self.recovered(&host, &errors);
                     let changed = self.last.as_ref() != Some(&topology);
@@ -427,6 +456,66 @@ impl Worker {
     }
 
     fn fetch(&self, host: &str) -> Result<patroni::Parsed, FetchFailure> {
+        let (status, body) = self.get(host, "/cluster")?;
+        answer(status, &body)
+    }
+
+    /// Reads `maximum_lag_on_failover` from `host`'s `GET /config` when
+    /// [`Settings::read_config`] and [`CONFIG_INTERVAL`] has passed since
+    /// the last try; true when the value changed. A failure is logged when
+    /// it starts and keeps the last value (none: Patroni's 1 MiB default).
+    fn read_config(&mut self, host: &str) -> bool {
+        let due = self
+            .config_asked
+            .is_none_or(|(at, _)| at.elapsed() >= CONFIG_INTERVAL);
+        if !self.settings.read_config || !due {
+            return false;
+        }
+        let read = self.get(host, "/config").and_then(|(status, body)| {
+            status_ok(status)?;
+            patroni::maximum_lag_on_failover(&body)
+                .map_err(|e| FetchFailure::Other(PollError::Body, e))
+        });
+        let failed_before = self.config_asked.is_some_and(|(_, failed)| failed);
+        self.config_asked = Some((Instant::now(), read.is_err()));
+        match read {
+            Ok(v) => {
+                if failed_before {
+                    info!(
+                        "cluster={} host={host} GET /config works again",
+                        self.cluster
+                    );
+                }
+                if self.max_lag == Some(v) {
+                    return false;
+                }
+                info!(
+                    "cluster={} maximum_lag_on_failover {v} (GET /config of {host}), for /readiness",
+                    self.cluster
+                );
+                self.max_lag = Some(v);
+                true
+            }
+            Err(e) => {
+                if !failed_before {
+                    let keeps = match self.max_lag {
+                        Some(v) => format!("the last value read, {v}"),
+                        None => format!("Patroni's default, {DEFAULT_MAXIMUM_LAG_ON_FAILOVER}"),
+                    };
+                    warn!(
+                        "cluster={} host={host} GET /config failed: {e}; /readiness uses maximum_lag_on_failover {keeps}; retrying every {}s",
+                        self.cluster,
+                        CONFIG_INTERVAL.as_secs()
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// `GET path` on `host` with the cluster's TLS, credentials and
+    /// `api_timeout`: the status and the body.
+    fn get(&self, host: &str, path: &str) -> Result<(u16, Vec<u8>), FetchFailure> {
         let material = self.settings.tls.as_deref();
         let authorization = material.and_then(|m| m.authorization.as_ref());
         let has_cert = material.is_some_and(|m| m.identity.is_some());
@@ -437,7 +526,7 @@ impl Worker {
             (Some(config), true) => https::get(
                 config.clone(),
                 host,
-                "/cluster",
+                path,
                 authorization.map(|a| a.expose()),
                 self.settings.api_timeout,
                 MAX_BODY_BYTES,
@@ -447,7 +536,7 @@ impl Worker {
                 https::FetchError::Other(k, s) => FetchFailure::Other(k, s),
             })?,
             _ => {
-                let url = format!("{host}/cluster");
+                let url = format!("{host}{path}");
                 let mut req = self.agent.get(&url);
                 if let Some(a) = authorization {
                     req = req.header("Authorization", a.expose());
@@ -468,7 +557,7 @@ impl Worker {
                 (status, body)
             }
         };
-        answer(status, &body)
+        Ok((status, body))
     }
 
     /// Fills in `ip` for every member with a host: IP literals (IPv6 with or
@@ -601,18 +690,24 @@ fn tls_config(m: Option<&ClientMaterial>) -> ureq::tls::TlsConfig {
 
 /// What a host's answer says: its `/cluster` document, or why not.
 fn answer(status: u16, body: &[u8]) -> Result<patroni::Parsed, FetchFailure> {
-    if status != 200 {
-        let hint = match status {
-            401 => " (check username and password_file)",
-            403 => " (forbidden: check Patroni's allowlist and client certificate)",
-            _ => "",
-        };
-        return Err(FetchFailure::Other(
-            PollError::Status,
-            format!("HTTP status {status}{hint}"),
-        ));
-    }
+    status_ok(status)?;
     patroni::parse(body).map_err(|e| FetchFailure::Other(PollError::Body, e))
+}
+
+/// 200, or the failure in words with a hint for the usual mistakes.
+fn status_ok(status: u16) -> Result<(), FetchFailure> {
+    if status == 200 {
+        return Ok(());
+    }
+    let hint = match status {
+        401 => " (check username and password_file)",
+        403 => " (forbidden: check Patroni's allowlist and client certificate)",
+        _ => "",
+    };
+    Err(FetchFailure::Other(
+        PollError::Status,
+        format!("HTTP status {status}{hint}"),
+    ))
 }
 
 /// A ureq error, with the rustls error inside it (if any) put into words.
@@ -658,6 +753,7 @@ mod tests {
             interval: Duration::from_secs(1),
             api_timeout: Duration::from_millis(300),
             tls: None,
+            read_config: false,
         };
         let (tx, _) = std::sync::mpsc::channel();
         Worker::new(1, "c".into(), settings, tx, Arc::new(|| {}))
@@ -813,6 +909,32 @@ mod tests {
         for (i, k) in PollError::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i, "ALL is in index order");
         }
+    }
+
+    #[test]
+    fn config_is_read_when_due_and_a_failure_keeps_the_last_value() {
+        let mut w = worker(Vec::new());
+        let good = host(Some(
+            "HTTP/1.0 200 OK\r\n\r\n{\"maximum_lag_on_failover\": 5, \"ttl\": 30}",
+        ));
+        assert!(!w.read_config(&good), "no health listener: never asked");
+        assert_eq!((w.max_lag, w.config_asked), (None, None));
+        w.settings.read_config = true;
+        assert!(w.read_config(&good), "a new value");
+        assert_eq!(w.max_lag, Some(5));
+        assert!(!w.read_config(&refused()), "not due yet");
+        let overdue = || Some((Instant::now() - CONFIG_INTERVAL, false));
+        w.config_asked = overdue();
+        assert!(!w.read_config(&good), "the same value");
+        w.config_asked = overdue();
+        assert!(!w.read_config(&refused()));
+        assert_eq!(w.max_lag, Some(5), "a failure keeps the last value");
+        assert!(w.config_asked.is_some_and(|(_, failed)| failed));
+        // The value goes with the topology of the next poll.
+        let cluster = host(Some("HTTP/1.0 200 OK\r\n\r\n{\"members\": []}"));
+        w.settings.hosts = vec![cluster];
+        let polled = w.poll_once().unwrap();
+        assert_eq!(polled.topology.unwrap().maximum_lag_on_failover, Some(5));
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub fn settings(config: &Config, cluster: &ClusterConfig) -> updater::Settings {
         interval: config.cluster_update_interval,
         api_timeout: config.api_timeout,
         tls: cluster.tls_material.clone(),
+        // The health listeners answer `/readiness` by the cluster's
+        // `maximum_lag_on_failover`.
+        read_config: config.health.listen.is_some() || config.health.agent_listen.is_some(),
     }
 }
 
