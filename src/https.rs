@@ -14,39 +14,42 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
-use crate::updater::PollError;
-
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
-/// Why a fetch failed.
+/// Why a fetch failed, by kind (the updater counts polls by it).
 #[derive(Debug)]
 pub enum FetchError {
     Tls(rustls::Error),
-    Other(PollError, String),
+    /// No connection, or it broke or closed before a whole answer.
+    Connect(String),
+    /// No whole answer in time.
+    Timeout(String),
+    /// An answer that is not HTTP/1.x, or too large.
+    Answer(String),
 }
 
 impl std::fmt::Display for FetchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FetchError::Tls(e) => write!(f, "{e}"),
-            FetchError::Other(_, s) => f.write_str(s),
+            FetchError::Connect(s) | FetchError::Timeout(s) | FetchError::Answer(s) => {
+                f.write_str(s)
+            }
         }
     }
 }
 
-/// A connection that failed, broke or closed early.
 fn other(s: impl Into<String>) -> FetchError {
-    FetchError::Other(PollError::Connect, s.into())
+    FetchError::Connect(s.into())
 }
 
-/// An answer that is not one (not HTTP, too large).
 fn bad(s: impl Into<String>) -> FetchError {
-    FetchError::Other(PollError::Body, s.into())
+    FetchError::Answer(s.into())
 }
 
 fn timed_out(s: impl Into<String>) -> FetchError {
-    FetchError::Other(PollError::Timeout, s.into())
+    FetchError::Timeout(s.into())
 }
 
 /// A socket read or write that ran out of time (`SO_RCVTIMEO` says
@@ -306,21 +309,29 @@ mod tests {
 
     #[test]
     fn failures_carry_their_kind() {
+        #[derive(Debug, PartialEq)]
+        enum Kind {
+            Connect,
+            Timeout,
+            Answer,
+        }
         let kind = |r: Result<(u16, Vec<u8>), FetchError>| match r {
-            Err(FetchError::Other(k, _)) => k,
+            Err(FetchError::Connect(_)) => Kind::Connect,
+            Err(FetchError::Timeout(_)) => Kind::Timeout,
+            Err(FetchError::Answer(_)) => Kind::Answer,
             other => panic!("{other:?}"),
         };
         let io = |k| Err(from_io(io::Error::new(k, "x"), "reading the answer"));
-        assert_eq!(kind(io(io::ErrorKind::WouldBlock)), PollError::Timeout);
-        assert_eq!(kind(io(io::ErrorKind::TimedOut)), PollError::Timeout);
-        assert_eq!(kind(io(io::ErrorKind::ConnectionReset)), PollError::Connect);
-        assert_eq!(kind(parse(b"", 100)), PollError::Connect, "closed");
+        assert_eq!(kind(io(io::ErrorKind::WouldBlock)), Kind::Timeout);
+        assert_eq!(kind(io(io::ErrorKind::TimedOut)), Kind::Timeout);
+        assert_eq!(kind(io(io::ErrorKind::ConnectionReset)), Kind::Connect);
+        assert_eq!(kind(parse(b"", 100)), Kind::Connect, "closed");
         let short = b"HTTP/1.1 200 x\r\nContent-Length: 5\r\n\r\nab";
-        assert_eq!(kind(parse(short, 100)), PollError::Connect, "cut short");
-        assert_eq!(kind(parse(b"SSH-2.0\r\n\r\n", 100)), PollError::Body);
+        assert_eq!(kind(parse(short, 100)), Kind::Connect, "cut short");
+        assert_eq!(kind(parse(b"SSH-2.0\r\n\r\n", 100)), Kind::Answer);
         let big = b"HTTP/1.0 200 OK\r\n\r\n0123456789";
-        assert_eq!(kind(parse(big, 4)), PollError::Body, "too large");
+        assert_eq!(kind(parse(big, 4)), Kind::Answer, "too large");
         let chunked = b"HTTP/1.1 200 x\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert_eq!(kind(parse(chunked, 100)), PollError::Body);
+        assert_eq!(kind(parse(chunked, 100)), Kind::Answer);
     }
 }

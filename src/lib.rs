@@ -9,7 +9,7 @@
 //! `main -> {config, proxy}`;
 //! `proxy -> {updater, config, topology, policy, admin, pgwire, signals, notify, error,
 //! health, metrics, access, tls_server}`;
-//! `updater -> {patroni, topology, dns, tls, https}`;
+//! `updater -> {patroni, topology, health, dns, tls, https}`;
 //! `config -> {topology, policy, error, config_guard, tls, tls_server, access}`;
 //! `policy -> topology`; `tls_server -> tls`; `https -> tls`;
 //! `patroni -> topology`; `health -> {topology, patroni}` (patroni in its

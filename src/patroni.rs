@@ -17,7 +17,6 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value};
 
-use crate::health;
 use crate::topology::{Member, Role, Tag, Topology};
 
 /// Most members an answer may list. A Patroni cluster has a handful; this
@@ -31,23 +30,6 @@ pub const MAX_MEMBERS: usize = 1_000;
 pub struct Parsed {
     pub topology: Topology,
     pub skipped: Vec<String>,
-}
-
-/// `maximum_lag_on_failover` from a `GET /config` body (the cluster's
-/// dynamic configuration, as stored in the DCS), read as Patroni's
-/// `global_config.get_int` does: a number, or a string its `parse_int`
-/// reads without a unit (`"2097152"`, `"0x200000"`; `"16MB"` is not one);
-/// no key or anything else is the 1 MiB default. Only a body that is not a
-/// JSON object is an error.
-pub fn maximum_lag_on_failover(body: &[u8]) -> Result<i64, String> {
-    let doc: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    let obj = doc.as_object().ok_or("not a JSON object")?;
-    let value = match obj.get("maximum_lag_on_failover") {
-        Some(Value::Number(n)) => health::parse_int(&n.to_string()),
-        Some(Value::String(s)) => health::parse_int(s),
-        _ => None,
-    };
-    Ok(value.unwrap_or(health::DEFAULT_MAXIMUM_LAG_ON_FAILOVER))
 }
 
 /// Parses a `/cluster` body.
@@ -208,27 +190,6 @@ fn truthy(v: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn maximum_lag_on_failover_is_read_as_patroni_reads_it() {
-        let read = |b: &str| maximum_lag_on_failover(b.as_bytes());
-        let default = Ok(1 << 20);
-        for (body, want) in [
-            (r#"{"maximum_lag_on_failover": 33554432}"#, Ok(32 << 20)),
-            (r#"{"maximum_lag_on_failover": "2097152"}"#, Ok(2 << 20)),
-            (r#"{"maximum_lag_on_failover": " 0x200000 "}"#, Ok(2 << 20)),
-            (r#"{"maximum_lag_on_failover": 1048577.5}"#, Ok(1048578)),
-            (r#"{"maximum_lag_on_failover": -1}"#, Ok(-1)),
-            (r#"{"maximum_lag_on_failover": "16MB"}"#, default.clone()),
-            (r#"{"maximum_lag_on_failover": true}"#, default.clone()),
-            (r#"{"maximum_lag_on_failover": null}"#, default.clone()),
-            (r#"{"ttl": 30, "loop_wait": 10}"#, default.clone()),
-        ] {
-            assert_eq!(read(body), want, "{body}");
-        }
-        assert!(read("[]").is_err());
-        assert!(read("<html>").is_err());
-    }
     use crate::topology::{routable, PortFilter, PortRole};
     use std::net::IpAddr;
 

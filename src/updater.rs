@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::dns;
-use crate::health::DEFAULT_MAXIMUM_LAG_ON_FAILOVER;
+use crate::health::{self, DEFAULT_MAXIMUM_LAG_ON_FAILOVER};
 use crate::https;
 use crate::patroni;
 use crate::tls::{self, ClientMaterial};
@@ -473,7 +473,7 @@ impl Worker {
         }
         let read = self.get(host, "/config").and_then(|(status, body)| {
             status_ok(status)?;
-            patroni::maximum_lag_on_failover(&body)
+            health::maximum_lag_on_failover(&body)
                 .map_err(|e| FetchFailure::Other(PollError::Body, e))
         });
         let failed_before = self.config_asked.is_some_and(|(_, failed)| failed);
@@ -533,7 +533,9 @@ impl Worker {
             )
             .map_err(|e| match e {
                 https::FetchError::Tls(t) => FetchFailure::Tls(tls::describe(&t, has_cert)),
-                https::FetchError::Other(k, s) => FetchFailure::Other(k, s),
+                https::FetchError::Connect(s) => FetchFailure::Other(PollError::Connect, s),
+                https::FetchError::Timeout(s) => FetchFailure::Other(PollError::Timeout, s),
+                https::FetchError::Answer(s) => FetchFailure::Other(PollError::Body, s),
             })?,
             _ => {
                 let url = format!("{host}{path}");
