@@ -814,26 +814,40 @@ fn h_first_api_host_dies_and_routing_goes_on() {
 #[ignore = "needs a real cluster: tests/cluster/run"]
 fn i_pgbench_new_connections_across_a_switchover() {
     let rig = rig();
-    let port = rig.rw.port().to_string();
-    let pgbench = |args: &[&str]| {
-        Command::new("pgbench")
-            .args(args)
-            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"])
-            .output()
-            .unwrap()
-    };
-    let init = pgbench(&["-i", "-s", "1", "-q"]);
+    let (n, candidate) = pgbench_across_a_switchover(&rig.c, &rig.proxy, rig.rw);
+    assert_eq!(
+        whereami(rig.rw, CONNECT).unwrap(),
+        (false, rig.c.node(&candidate).pg.port())
+    );
+    assert!(n.tx > 100, "pgbench made progress");
+    rig.c.run(&["wait"]);
+}
+
+/// `pgbench -S -C` through `port` (a leader port) while the leader is
+/// switched over to the first replica; reports and checks that no new
+/// connection failed for want of a backend. Returns the counts and the new
+/// leader.
+fn pgbench_across_a_switchover(
+    c: &Cluster,
+    proxy: &Proxy,
+    rw: SocketAddr,
+) -> (PgbenchCounts, String) {
+    let port = rw.port().to_string();
+    let init = Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q"])
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"])
+        .output()
+        .unwrap();
     assert!(
         init.status.success(),
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let old = rig.c.leader().name.clone();
-    let candidate = rig.c.replicas()[0].name.clone();
+    let old = c.leader().name.clone();
+    let candidate = c.replicas()[0].name.clone();
     let done = Arc::new(AtomicBool::new(false));
     let bench = {
         let done = done.clone();
-        let port = port.clone();
         thread::spawn(move || {
             // One-second runs, so that a client aborted by the switchover
             // does not silence the rest of the measurement.
@@ -853,14 +867,17 @@ fn i_pgbench_new_connections_across_a_switchover() {
         })
     };
     thread::sleep(Duration::from_secs(3));
-    rig.c.switchover(&old, &candidate);
-    rig.c.wait_new_leader(&old, Duration::from_secs(60));
+    c.switchover(&old, &candidate);
+    c.wait_new_leader(&old, Duration::from_secs(60));
     thread::sleep(Duration::from_secs(4));
     done.store(true, Ordering::SeqCst);
     let n = bench.join().unwrap();
-    let replayed = rig.proxy.log().matches("refused the start-up").count();
+    let replayed = proxy.log().matches("refused the start-up").count();
     report(
-        "pgbench -S -C across a switchover",
+        &format!(
+            "pgbench -S -C across a switchover ({})",
+            proxy_port_name(proxy, rw)
+        ),
         format!(
             "{} transactions; {} new connections refused by the old leader while it shut down, \
              {} transactions cut on it; {} connections failed otherwise; \
@@ -871,16 +888,24 @@ fn i_pgbench_new_connections_across_a_switchover() {
     for l in &n.lines {
         println!("  {l}");
     }
-    assert!(n.tx > 100, "pgbench made progress");
     assert_eq!(
         n.failed_otherwise, 0,
         "no new connection failed for want of a backend"
     );
-    assert_eq!(
-        whereami(rig.rw, CONNECT).unwrap(),
-        (false, rig.c.node(&candidate).pg.port())
-    );
-    rig.c.run(&["wait"]);
+    (n, candidate)
+}
+
+/// The name of the proxy's port listening on `addr`, for reports.
+fn proxy_port_name(proxy: &Proxy, addr: SocketAddr) -> String {
+    let status = proxy.status();
+    let ports = status["clusters"]["main"]["ports"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    ports
+        .iter()
+        .find(|(_, p)| p["listen"].as_str() == Some(addr.to_string().as_str()))
+        .map_or_else(|| addr.to_string(), |(name, _)| name.clone())
 }
 
 /// What pgbench -C runs reported.
@@ -1330,6 +1355,193 @@ fn m_switchover_with_many_open_sessions() {
         "any sessions on members not restarted survive"
     );
     assert_eq!(rw_alive, 0, "rw sessions on the old leader are closed");
+}
+
+/// One sample of the proxy's `/metrics`: the value of `name` on port
+/// `port` of cluster `main`.
+fn port_metric(proxy: &Proxy, name: &str, port: &str) -> Option<f64> {
+    let (_, body) = proxy.get("/metrics").ok()?;
+    let labels = format!("{{cluster=\"main\",port=\"{port}\"}}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(labels.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn n_preconnected_leader_port_across_a_switchover() {
+    // `preconnect: 3` on a leader port: PostgreSQL accepts the pooled
+    // connections (its fork done ahead of the client), clients are handed
+    // them, and across a switchover no client gets one to the old leader.
+    let c = cluster();
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let pc = free_port();
+    let ports = format!(
+        "pc: {{listen: \"127.0.0.1:{pc}\", roles: [leader], backend_wait_timeout: 40, preconnect: 3}}"
+    );
+    let cfg = util::config(free_port(), &hosts, &ports, "").replace(
+        "cluster_update_interval: 0.2",
+        &format!("cluster_update_interval: {INTERVAL}"),
+    );
+    let proxy = Proxy::start(&cfg);
+    let addr = SocketAddr::from(([127, 0, 0, 1], pc));
+    proxy.wait_backends("main", "pc", &[c.leader().name.as_str()]);
+    let ready = |n: f64| {
+        wait_until(Duration::from_secs(20), || {
+            port_metric(&proxy, "patroni_proxy_port_preconnected", "pc") == Some(n)
+        })
+    };
+    assert!(
+        ready(3.0),
+        "3 pooled connections to the leader: {}",
+        proxy.log()
+    );
+    let leader_port = c.leader().pg.port();
+    for _ in 0..20 {
+        assert_eq!(whereami(addr, CONNECT).unwrap(), (false, leader_port));
+    }
+    let hits = port_metric(&proxy, "patroni_proxy_port_preconnect_hits_total", "pc").unwrap_or(0.0);
+    assert!(
+        hits >= 10.0,
+        "most of 20 sequential clients got a pooled connection: {hits}"
+    );
+
+    let (n, candidate) = pgbench_across_a_switchover(&c, &proxy, addr);
+    assert!(n.tx > 100, "pgbench made progress");
+    c.run(&["wait"]);
+    let new_port = c.node(&candidate).pg.port();
+    assert!(
+        wait_until(Duration::from_secs(20), || whereami(addr, CONNECT)
+            == Ok((false, new_port))),
+        "the port reaches the new leader"
+    );
+    // Whatever the pool held when the switchover happened, every client
+    // from now on is on the new leader, pooled or not.
+    for _ in 0..20 {
+        assert_eq!(whereami(addr, CONNECT).unwrap(), (false, new_port));
+    }
+    assert!(ready(3.0), "3 pooled connections to the new leader");
+    let after =
+        port_metric(&proxy, "patroni_proxy_port_preconnect_hits_total", "pc").unwrap_or(0.0);
+    let misses =
+        port_metric(&proxy, "patroni_proxy_port_preconnect_misses_total", "pc").unwrap_or(0.0);
+    report(
+        "preconnect: 3 on the leader port",
+        format!("{after} clients handed a pooled connection, {misses} found none ready"),
+    );
+}
+
+/// Drops every packet of one TCP connection (by its local port on
+/// loopback) while it lives: an nftables table of its own, deleted on drop.
+struct Blackhole;
+
+impl Blackhole {
+    const TABLE: &'static str = "pp_blackhole";
+
+    /// `None` when nftables cannot be used here (no CAP_NET_ADMIN).
+    fn port(port: u16) -> Option<Blackhole> {
+        let nft = |args: &str| {
+            Command::new("nft")
+                .args(args.split(' '))
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        let _ = nft(&format!("delete table inet {}", Self::TABLE));
+        let t = Self::TABLE;
+        let ok = nft(&format!("add table inet {t}"))
+            && nft(&format!(
+                "add chain inet {t} out {{ type filter hook output priority 0 ; }}"
+            ))
+            && nft(&format!("add rule inet {t} out tcp sport {port} drop"))
+            && nft(&format!("add rule inet {t} out tcp dport {port} drop"));
+        let hole = Blackhole;
+        ok.then_some(hole)
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", Self::TABLE])
+            .output();
+    }
+}
+
+/// The local port of process `pid`'s established TCP connections to `to`.
+fn local_ports_to(pid: i32, to: SocketAddr) -> Vec<u16> {
+    let out = Command::new("ss")
+        .args(["-Htnp", "state", "established", "dst", &to.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(2)?
+                .rsplit_once(':')?
+                .1
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a real cluster: tests/cluster/run"]
+fn o_blackholed_backend_ends_its_session_within_tcp_user_timeout() {
+    // A member that vanishes from the network mid-session: every packet of
+    // the session's backend connection is dropped, PostgreSQL and Patroni
+    // are untouched. With `tcp_user_timeout: 3` the query that was sent
+    // into the hole fails within seconds, not after the kernel's 15 minutes
+    // of retransmissions.
+    let c = cluster();
+    let hosts: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let rw = free_port();
+    let ports = format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}");
+    let cfg = util::config(free_port(), &hosts, &ports, "tcp_user_timeout: 3");
+    let proxy = Proxy::start(&cfg);
+    let leader = c.leader();
+    proxy.wait_backends("main", "rw", &[leader.name.as_str()]);
+    let mut s = Pg::connect(SocketAddr::from(([127, 0, 0, 1], rw)), CONNECT).unwrap();
+    assert_eq!(s.whereami().unwrap(), (false, leader.pg.port()));
+    let backend = local_ports_to(proxy.pid(), leader.pg);
+    assert_eq!(backend.len(), 1, "one backend connection: {backend:?}");
+    let Some(hole) = Blackhole::port(backend[0]) else {
+        report(
+            "blackholed backend",
+            "skipped: nft is not usable here (needs CAP_NET_ADMIN)".into(),
+        );
+        return;
+    };
+    let sent = Instant::now();
+    let r = s.query("SELECT 1");
+    let took = sent.elapsed();
+    drop(hole);
+    report(
+        "blackholed backend",
+        format!(
+            "the query sent into the hole failed after {:.1}s with tcp_user_timeout: 3 ({r:?})",
+            took.as_secs_f64()
+        ),
+    );
+    assert!(r.is_err(), "the session ended");
+    assert!(
+        took >= Duration::from_secs(2) && took <= Duration::from_secs(20),
+        "ended by the user timeout: {took:?}"
+    );
+    assert!(
+        proxy.wait_log("timed out"),
+        "the proxy logs why: {}",
+        proxy.log()
+    );
+    // The member itself is fine: a new session reaches it.
+    assert_eq!(
+        whereami(SocketAddr::from(([127, 0, 0, 1], rw)), CONNECT)
+            .unwrap()
+            .1,
+        leader.pg.port()
+    );
 }
 
 // ---- HTTPS-only REST API with verify_client: required ------------------------
