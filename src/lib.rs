@@ -28,6 +28,7 @@ pub mod dns;
 pub mod error;
 pub mod health;
 pub mod https;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod patroni;

@@ -30,8 +30,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{info, warn};
 
+use crate::debug;
 use crate::dns;
 use crate::https;
 use crate::patroni;
