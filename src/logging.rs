@@ -12,6 +12,9 @@
 
 use log::{Level, Record};
 
+/// Callers import them from here: `use crate::logging::{debug, log, trace}`.
+pub use super::{debug, log, trace};
+
 /// `log::log!` that survives `release_max_level_info`.
 #[macro_export]
 macro_rules! log {
@@ -30,13 +33,13 @@ macro_rules! log {
 /// `log::debug!` that survives `release_max_level_info`.
 #[macro_export]
 macro_rules! debug {
-    ($($arg:tt)+) => { $crate::log!(::log::Level::Debug, $($arg)+) };
+    ($($arg:tt)+) => { $crate::logging::log!(::log::Level::Debug, $($arg)+) };
 }
 
 /// `log::trace!` that survives `release_max_level_info`.
 #[macro_export]
 macro_rules! trace {
-    ($($arg:tt)+) => { $crate::log!(::log::Level::Trace, $($arg)+) };
+    ($($arg:tt)+) => { $crate::logging::log!(::log::Level::Trace, $($arg)+) };
 }
 
 /// Hands one record to the logger, with the target, module, file and line
@@ -96,12 +99,12 @@ mod tests {
         log::set_logger(&CAPTURE).unwrap();
         log::set_max_level(LevelFilter::Trace);
         let n = 3;
-        crate::debug!("debug {n}");
-        crate::trace!("trace {}", n + 1);
-        crate::log!(Level::Warn, "warn");
+        debug!("debug {n}");
+        trace!("trace {}", n + 1);
+        log!(Level::Warn, "warn");
         log::set_max_level(LevelFilter::Debug);
-        crate::trace!("not shown");
-        crate::debug!("shown");
+        trace!("not shown");
+        debug!("shown");
         log::set_max_level(LevelFilter::Off);
         let seen = SEEN.lock().unwrap().clone();
         let here = (module_path!().to_string(), file!().to_string());

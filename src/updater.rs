@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use crate::debug;
 use crate::dns;
 use crate::https;
+use crate::logging::debug;
 use crate::patroni;
 use crate::tls::{self, ClientMaterial};
 use crate::topology::{self, Topology};

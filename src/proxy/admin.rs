@@ -26,7 +26,7 @@ use super::timer::Timer;
 use super::{token, Proxy};
 use crate::access::{Allow, RouteClass};
 use crate::admin::{self, Parse, Request, Response, Route};
-use crate::debug;
+use crate::logging::debug;
 use crate::tls_server::{ServerTlsHandle, TlsStream};
 
 /// Admin connections must send their request within this.

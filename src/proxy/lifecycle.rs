@@ -21,7 +21,7 @@ use super::timer::Timer;
 use super::token::{self, Side};
 use super::{sys, Proxy};
 use crate::config;
-use crate::{debug, log, trace};
+use crate::logging::{debug, log, trace};
 
 /// Bytes moved per direction per pump before other sessions get a turn.
 const PUMP_BUDGET: usize = 256 * 1024;

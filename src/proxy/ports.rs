@@ -18,8 +18,8 @@ use super::timer::Timer;
 use super::token::{self, Side};
 use super::{admin, buffer, sys, Proxy};
 use crate::config::{ClusterConfig, Keepalive, PortConfig};
-use crate::debug;
 use crate::error::{Error, Result};
+use crate::logging::debug;
 use crate::policy::{self, Hold, LagEvent};
 use crate::topology::{self, Route, Topology};
 
