@@ -37,11 +37,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{info, warn};
 
 use crate::dns;
 use crate::health::{self, DEFAULT_MAXIMUM_LAG_ON_FAILOVER};
 use crate::https;
+use crate::logging::debug;
 use crate::patroni;
 use crate::tls::{self, ClientMaterial};
 use crate::topology::{self, Topology};

@@ -260,7 +260,7 @@ impl Clusters {
                 topology::Change::SplitBrain { .. } => Level::Error,
                 _ => Level::Info,
             };
-            log::log!(level, "cluster={cluster} {change}");
+            crate::logging::log!(level, "cluster={cluster} {change}");
         }
         if topo.paused && !c.topology.as_ref().is_some_and(|t| t.paused) {
             info!("cluster={cluster} is in maintenance mode (pause)");

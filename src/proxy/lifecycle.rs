@@ -8,7 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, log, trace, warn, Level};
+use log::{info, warn, Level};
 use mio::event::Event;
 use mio::net::TcpStream;
 use mio::Interest;
@@ -21,6 +21,7 @@ use super::timer::Timer;
 use super::token::{self, Side};
 use super::{sys, Proxy};
 use crate::config;
+use crate::logging::{debug, log, trace};
 
 /// Bytes moved per direction per pump before other sessions get a turn.
 const PUMP_BUDGET: usize = 256 * 1024;
