@@ -21,7 +21,10 @@
 //!   the member lacks is 503; a query key given twice counts once (the first),
 //!   and an empty value is no parameter at all (Python's `parse_qs`);
 //! - `GET /liveness` and `GET /readiness` have their own rules; `HEAD` and
-//!   `OPTIONS` on them fall to the generic check, which answers 503.
+//!   `OPTIONS` on them fall to the generic check, which answers 503;
+//! - `/readiness` without `lag=` compares with the cluster's
+//!   `maximum_lag_on_failover`, which the updater reads from `GET /config`
+//!   ([`maximum_lag_on_failover`]), 1 MiB while unknown.
 //!
 //! What `/cluster` cannot show is approximated, and man 5 lists it:
 //! `?replication_state=` follows Patroni 4.2 (earlier releases ignore it);
@@ -37,7 +40,7 @@ use std::time::Duration;
 use crate::topology::{is_draining, Member, Role, Topology};
 
 /// Patroni's default `maximum_lag_on_failover` (1 MiB).
-pub const DEFAULT_MAXIMUM_LAG_ON_FAILOVER: u64 = 1 << 20;
+pub const DEFAULT_MAXIMUM_LAG_ON_FAILOVER: i64 = 1 << 20;
 /// Longest agent-check line read.
 pub const MAX_AGENT_LINE: usize = 1024;
 
@@ -189,13 +192,7 @@ fn percent_decode(s: &str) -> String {
 /// case-sensitive unit `B`, `kB`, `MB`, `GB`, `TB`, rounded to the next
 /// smaller unit as PostgreSQL does. `None` where Patroni gets `None`.
 pub fn parse_size(value: &str) -> Option<i64> {
-    let v = value.trim();
-    let (mut val, mut unit) = strtol(v);
-    if val.is_none() && unit.starts_with('.') || unit.starts_with(['.', 'e', 'E']) {
-        (val, unit) = strtod(v);
-    }
-    let val = val?;
-    let unit = unit.trim();
+    let (val, unit) = number(value)?;
     if unit.is_empty() {
         return Some(rint(val) as i64);
     }
@@ -209,6 +206,45 @@ pub fn parse_size(value: &str) -> Option<i64> {
     };
     let bytes = rint(val * mult / round) * round;
     Some(rint(bytes) as i64)
+}
+
+/// `maximum_lag_on_failover` from a `GET /config` body (the cluster's
+/// dynamic configuration, as stored in the DCS), read as Patroni's
+/// `global_config.get_int` does: a number, or a string its `parse_int`
+/// reads without a unit (`"2097152"`, `"0x200000"`; `"16MB"` is not one);
+/// no key or anything else is the 1 MiB default. Only a body that is not a
+/// JSON object is an error.
+pub fn maximum_lag_on_failover(body: &[u8]) -> Result<i64, String> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = doc.as_object().ok_or("not a JSON object")?;
+    let value = match obj.get("maximum_lag_on_failover") {
+        Some(serde_json::Value::Number(n)) => parse_int(&n.to_string()),
+        Some(serde_json::Value::String(s)) => parse_int(s),
+        _ => None,
+    };
+    Ok(value.unwrap_or(DEFAULT_MAXIMUM_LAG_ON_FAILOVER))
+}
+
+/// Patroni's `parse_int(value)` without a base unit (how its global
+/// configuration reads integers): as [`parse_size`], but a value with any
+/// unit at all is `None`.
+pub fn parse_int(value: &str) -> Option<i64> {
+    match number(value)? {
+        (val, "") => Some(rint(val) as i64),
+        _ => None,
+    }
+}
+
+/// The number at the start of `value` (strtol, or strtod when the rest
+/// starts with `.`/`e`), and the trimmed rest.
+fn number(value: &str) -> Option<(f64, &str)> {
+    let v = value.trim();
+    let (mut val, mut unit) = strtol(v);
+    if val.is_none() && unit.starts_with('.') || unit.starts_with(['.', 'e', 'E']) {
+        (val, unit) = strtod(v);
+    }
+    Some((val?, unit.trim()))
 }
 
 /// strtol with base 0 on a trimmed string: (value, rest).
@@ -449,7 +485,7 @@ fn readiness(q: &Query, t: &Topology, m: &Member) -> (u16, String) {
     let lag = if write { m.receive_lag } else { m.replay_lag }.or(m.lag);
     let max = q.lag.unwrap_or_else(|| {
         t.maximum_lag_on_failover
-            .unwrap_or(DEFAULT_MAXIMUM_LAG_ON_FAILOVER) as i64
+            .unwrap_or(DEFAULT_MAXIMUM_LAG_ON_FAILOVER)
     });
     let mode = if write { "write" } else { "apply" };
     match lag {
@@ -907,6 +943,42 @@ mod tests {
             ("08", None),
         ] {
             assert_eq!(parse_size(s), want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn maximum_lag_on_failover_is_read_as_patroni_reads_it() {
+        let read = |b: &str| maximum_lag_on_failover(b.as_bytes());
+        let default = Ok(1 << 20);
+        for (body, want) in [
+            (r#"{"maximum_lag_on_failover": 33554432}"#, Ok(32 << 20)),
+            (r#"{"maximum_lag_on_failover": "2097152"}"#, Ok(2 << 20)),
+            (r#"{"maximum_lag_on_failover": " 0x200000 "}"#, Ok(2 << 20)),
+            (r#"{"maximum_lag_on_failover": 1048577.5}"#, Ok(1048578)),
+            (r#"{"maximum_lag_on_failover": -1}"#, Ok(-1)),
+            (r#"{"maximum_lag_on_failover": "16MB"}"#, default.clone()),
+            (r#"{"maximum_lag_on_failover": true}"#, default.clone()),
+            (r#"{"maximum_lag_on_failover": null}"#, default.clone()),
+            (r#"{"ttl": 30, "loop_wait": 10}"#, default.clone()),
+        ] {
+            assert_eq!(read(body), want, "{body}");
+        }
+        assert!(read("[]").is_err());
+        assert!(read("<html>").is_err());
+    }
+
+    #[test]
+    fn parse_int_takes_no_unit() {
+        for (s, want) in [
+            ("2097152", Some(2 << 20)),
+            (" 0x10 ", Some(16)),
+            ("1e3", Some(1000)),
+            ("2.5", Some(2)),
+            ("16MB", None),
+            ("1B", None),
+            ("True", None),
+        ] {
+            assert_eq!(parse_int(s), want, "{s:?}");
         }
     }
 

@@ -17,32 +17,54 @@ use rustls::{ClientConfig, ClientConnection, StreamOwned};
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
-/// Why a fetch failed.
+/// Why a fetch failed, by kind (the updater counts polls by it).
 #[derive(Debug)]
 pub enum FetchError {
     Tls(rustls::Error),
-    Other(String),
+    /// No connection, or it broke or closed before a whole answer.
+    Connect(String),
+    /// No whole answer in time.
+    Timeout(String),
+    /// An answer that is not HTTP/1.x, or too large.
+    Answer(String),
 }
 
 impl std::fmt::Display for FetchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FetchError::Tls(e) => write!(f, "{e}"),
-            FetchError::Other(s) => f.write_str(s),
+            FetchError::Connect(s) | FetchError::Timeout(s) | FetchError::Answer(s) => {
+                f.write_str(s)
+            }
         }
     }
 }
 
 fn other(s: impl Into<String>) -> FetchError {
-    FetchError::Other(s.into())
+    FetchError::Connect(s.into())
+}
+
+fn bad(s: impl Into<String>) -> FetchError {
+    FetchError::Answer(s.into())
+}
+
+fn timed_out(s: impl Into<String>) -> FetchError {
+    FetchError::Timeout(s.into())
+}
+
+/// A socket read or write that ran out of time (`SO_RCVTIMEO` says
+/// `WouldBlock`).
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn from_io(e: io::Error, doing: &str) -> FetchError {
     match crate::tls::rustls_error(&e) {
         Some(t) => FetchError::Tls(t.clone()),
-        None if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
-            other(format!("{doing}: timed out"))
-        }
+        None if is_timeout(&e) => timed_out(format!("{doing}: timed out")),
         None => other(format!("{doing}: {e}")),
     }
 }
@@ -99,7 +121,7 @@ pub fn get(
         deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| other("timed out"))
+            .ok_or_else(|| timed_out("timed out"))
     };
     let (host, port, authority, base_path) = split_url(base)?;
     let addrs: Vec<_> = (host.as_str(), port)
@@ -159,7 +181,7 @@ pub fn get(
             Ok(n) => {
                 data.extend_from_slice(&buf[..n]);
                 if data.len() as u64 > cap {
-                    return Err(other(format!("answer larger than {limit} bytes")));
+                    return Err(bad(format!("answer larger than {limit} bytes")));
                 }
                 if let Some(done) = complete(&data)? {
                     data.truncate(done);
@@ -181,7 +203,7 @@ pub fn get(
 fn complete(data: &[u8]) -> Result<Option<usize>, FetchError> {
     let Some(end) = find_head_end(data) else {
         if data.len() > MAX_HEAD {
-            return Err(other("answer head too large"));
+            return Err(bad("answer head too large"));
         }
         return Ok(None);
     };
@@ -197,18 +219,18 @@ fn find_head_end(data: &[u8]) -> Option<usize> {
 
 /// Status and Content-Length of a head.
 fn head(h: &[u8]) -> Result<(u16, Option<usize>), FetchError> {
-    let text = std::str::from_utf8(h).map_err(|_| other("answer head is not text"))?;
+    let text = std::str::from_utf8(h).map_err(|_| bad("answer head is not text"))?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or("");
     let mut parts = status_line.split(' ');
     let version = parts.next().unwrap_or("");
     if !version.starts_with("HTTP/1.") {
-        return Err(other(format!("not an HTTP answer: {status_line:?}")));
+        return Err(bad(format!("not an HTTP answer: {status_line:?}")));
     }
     let status = parts
         .next()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| other(format!("bad status line {status_line:?}")))?;
+        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
     let mut len = None;
     for l in lines {
         let Some((k, v)) = l.split_once(':') else {
@@ -218,11 +240,11 @@ fn head(h: &[u8]) -> Result<(u16, Option<usize>), FetchError> {
         if k.eq_ignore_ascii_case("content-length") {
             len = Some(
                 v.parse()
-                    .map_err(|_| other(format!("bad Content-Length {v:?}")))?,
+                    .map_err(|_| bad(format!("bad Content-Length {v:?}")))?,
             );
         } else if k.eq_ignore_ascii_case("transfer-encoding") && !v.eq_ignore_ascii_case("identity")
         {
-            return Err(other(format!("unsupported Transfer-Encoding {v:?}")));
+            return Err(bad(format!("unsupported Transfer-Encoding {v:?}")));
         }
     }
     Ok((status, len))
@@ -247,7 +269,7 @@ fn parse(data: &[u8], limit: u64) -> Result<(u16, Vec<u8>), FetchError> {
         }
     }
     if body.len() as u64 > limit {
-        return Err(other(format!("answer larger than {limit} bytes")));
+        return Err(bad(format!("answer larger than {limit} bytes")));
     }
     Ok((status, body.to_vec()))
 }
@@ -283,5 +305,33 @@ mod tests {
         let chunked = b"HTTP/1.1 200 x\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(parse(chunked, 100).is_err());
         assert!(parse(b"SSH-2.0\r\n\r\n", 100).is_err());
+    }
+
+    #[test]
+    fn failures_carry_their_kind() {
+        #[derive(Debug, PartialEq)]
+        enum Kind {
+            Connect,
+            Timeout,
+            Answer,
+        }
+        let kind = |r: Result<(u16, Vec<u8>), FetchError>| match r {
+            Err(FetchError::Connect(_)) => Kind::Connect,
+            Err(FetchError::Timeout(_)) => Kind::Timeout,
+            Err(FetchError::Answer(_)) => Kind::Answer,
+            other => panic!("{other:?}"),
+        };
+        let io = |k| Err(from_io(io::Error::new(k, "x"), "reading the answer"));
+        assert_eq!(kind(io(io::ErrorKind::WouldBlock)), Kind::Timeout);
+        assert_eq!(kind(io(io::ErrorKind::TimedOut)), Kind::Timeout);
+        assert_eq!(kind(io(io::ErrorKind::ConnectionReset)), Kind::Connect);
+        assert_eq!(kind(parse(b"", 100)), Kind::Connect, "closed");
+        let short = b"HTTP/1.1 200 x\r\nContent-Length: 5\r\n\r\nab";
+        assert_eq!(kind(parse(short, 100)), Kind::Connect, "cut short");
+        assert_eq!(kind(parse(b"SSH-2.0\r\n\r\n", 100)), Kind::Answer);
+        let big = b"HTTP/1.0 200 OK\r\n\r\n0123456789";
+        assert_eq!(kind(parse(big, 4)), Kind::Answer, "too large");
+        let chunked = b"HTTP/1.1 200 x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(kind(parse(chunked, 100)), Kind::Answer);
     }
 }

@@ -8,14 +8,14 @@
 //! Dependency direction (nothing points back up):
 //! `main -> {config, proxy}`;
 //! `proxy -> {updater, config, topology, policy, admin, pgwire, signals, notify, error,
-//! health, metrics, access, tls_server}`;
-//! `updater -> {patroni, topology, dns, tls, https}`;
+//! health, metrics, access, tls_server, logging}`;
+//! `updater -> {patroni, topology, health, dns, tls, https, logging}`;
 //! `config -> {topology, policy, error, config_guard, tls, tls_server, access}`;
 //! `policy -> topology`; `tls_server -> tls`; `https -> tls`;
 //! `patroni -> topology`; `health -> {topology, patroni}` (patroni in its
 //! tests only).
 //! `topology`, `pgwire`, `admin`, `metrics`, `signals`, `notify`, `error`,
-//! `dns`, `config_guard`, `tls` and `access` depend on nothing of ours. The loop and the updater threads
+//! `dns`, `config_guard`, `tls`, `access` and `logging` depend on nothing of ours. The loop and the updater threads
 //! share only the message types in `updater`. Every libc call and every
 //! `unsafe` block is in `proxy::sys`.
 #![deny(unsafe_code)]
@@ -28,6 +28,7 @@ pub mod dns;
 pub mod error;
 pub mod health;
 pub mod https;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod patroni;

@@ -17,6 +17,13 @@
 //! body; a host that failed is tried after the others for [`HOST_PENALTY`],
 //! so a hung first host does not cost a timeout on every poll.
 //!
+//! With a health listener configured ([`Settings::read_config`]), the
+//! thread also reads `GET /config` for `maximum_lag_on_failover` (what
+//! `/readiness` without `lag=` compares with): from the host that just
+//! answered `/cluster`, after that poll's update went, on the first good
+//! poll and then every [`CONFIG_INTERVAL`]. The value travels in the
+//! topology of the next poll, which follows at once when it changed.
+//!
 //! HTTPS: ureq with rustls (ring), the roots always given explicitly from
 //! the cluster's [`ClientMaterial`]; hosts with `verify_hostname: false`
 //! go through [`crate::https`] instead, as ureq cannot take a verifier of
@@ -30,10 +37,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{info, warn};
 
 use crate::dns;
+use crate::health::{self, DEFAULT_MAXIMUM_LAG_ON_FAILOVER};
 use crate::https;
+use crate::logging::debug;
 use crate::patroni;
 use crate::tls::{self, ClientMaterial};
 use crate::topology::{self, Topology};
@@ -48,6 +57,9 @@ pub const HOST_PENALTY: Duration = Duration::from_secs(10);
 pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 /// How often a failure that persists is logged again at warn level.
 const FAILURE_REMINDER: Duration = Duration::from_secs(60);
+/// How often `GET /config` is read (for `maximum_lag_on_failover`), when
+/// [`Settings::read_config`]; a failed read is retried as late.
+pub const CONFIG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A message from an updater thread to the event loop.
 #[derive(Debug)]
@@ -55,7 +67,7 @@ pub struct Update {
     /// Which updater instance sent it (a reload may replace one).
     pub updater: u64,
     pub cluster: String,
-    pub outcome: Result<Polled, String>,
+    pub outcome: Result<Polled, PollFailure>,
     /// The `RefreshNow` requests this poll answers.
     pub requests: Vec<u64>,
     /// How long the poll took, every host tried included.
@@ -71,6 +83,50 @@ pub struct Polled {
     pub host: String,
     /// The new topology, or `None` when it equals the last one sent.
     pub topology: Option<Topology>,
+}
+
+/// A failed poll: what went wrong with the last host tried (which decides
+/// the kind), and every host's failure in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollFailure {
+    pub kind: PollError,
+    /// `host: error` per host tried, joined by `; `.
+    pub message: String,
+}
+
+/// Why a request to a Patroni host failed, as `/metrics` counts it: set
+/// where the failure happens, never read back from the wording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollError {
+    /// No connection, a failed TLS handshake, or the connection broke or
+    /// closed before a whole answer.
+    Connect,
+    /// No whole answer within `api_timeout`.
+    Timeout,
+    /// An HTTP status other than 200.
+    Status,
+    /// An answer that is not a usable `/cluster` document: not HTTP, too
+    /// large, not JSON, no members.
+    Body,
+}
+
+impl PollError {
+    pub const ALL: [PollError; 4] = [
+        PollError::Connect,
+        PollError::Timeout,
+        PollError::Status,
+        PollError::Body,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PollError::Connect => "connect",
+            PollError::Timeout => "timeout",
+            PollError::Status => "http_status",
+            PollError::Body => "body",
+        }
+    }
 }
 
 /// A message from the event loop to an updater thread.
@@ -89,19 +145,32 @@ pub struct Settings {
     pub api_timeout: Duration,
     /// Compared by content: rotated certificates restart the updater.
     pub tls: Option<Arc<ClientMaterial>>,
+    /// Read `GET /config` too: a health listener answers `/readiness`
+    /// with the cluster's `maximum_lag_on_failover`.
+    pub read_config: bool,
 }
 
 /// Why a fetch failed: TLS failures are logged and counted apart.
+#[derive(Debug)]
 enum FetchFailure {
     Tls(tls::Failure),
-    Other(String),
+    Other(PollError, String),
+}
+
+impl FetchFailure {
+    fn kind(&self) -> PollError {
+        match self {
+            FetchFailure::Tls(_) => PollError::Connect,
+            FetchFailure::Other(k, _) => *k,
+        }
+    }
 }
 
 impl std::fmt::Display for FetchFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FetchFailure::Tls(t) => write!(f, "TLS: {}", t.words),
-            FetchFailure::Other(s) => f.write_str(s),
+            FetchFailure::Other(_, s) => f.write_str(s),
         }
     }
 }
@@ -183,6 +252,10 @@ struct Worker {
     complaints: HashSet<String>,
     /// First failure of the current run of failures, and the last warn.
     failing_since: Option<(Instant, Instant)>,
+    /// `maximum_lag_on_failover` from the last good `/config`.
+    max_lag: Option<i64>,
+    /// When `/config` was last asked for, and whether that failed.
+    config_asked: Option<(Instant, bool)>,
 }
 
 /// Whether a new answer opens the fast-poll window: a routing change after
@@ -248,6 +321,8 @@ impl Worker {
             dns: dns::Dns::new(Arc::new(dns::system_lookup)),
             complaints: HashSet::new(),
             failing_since: None,
+            max_lag: None,
+            config_asked: None,
         }
     }
 
@@ -256,6 +331,7 @@ impl Worker {
         loop {
             let started = Instant::now();
             let outcome = self.poll_once();
+            let answered = outcome.as_ref().ok().map(|p| p.host.clone());
             let update = Update {
                 updater: self.id,
                 cluster: self.cluster.clone(),
@@ -268,8 +344,15 @@ impl Worker {
                 return; // the loop is gone
             }
             (self.wake)();
+            // After the update went, so a slow `/config` never delays one;
+            // a new value goes with the next poll, at once.
+            let new_max_lag = answered.is_some_and(|host| self.read_config(&host));
 
-            let wait = (started + self.period()).saturating_duration_since(Instant::now());
+            let wait = if new_max_lag {
+                Duration::ZERO
+            } else {
+                (started + self.period()).saturating_duration_since(Instant::now())
+            };
             match commands.recv_timeout(wait) {
                 Ok(UpdaterCommand::RefreshNow(id)) => {
                     requests.push(id);
@@ -298,7 +381,7 @@ impl Worker {
     }
 
     /// Tries the hosts until one answers; resolves member addresses.
-    fn poll_once(&mut self) -> Result<Polled, String> {
+    fn poll_once(&mut self) -> Result<Polled, PollFailure> {
         let now = Instant::now();
         let mut order: Vec<&String> = self.settings.hosts.iter().collect();
         // Stable sort: hosts in penalty go last, config order otherwise kept.
@@ -310,6 +393,7 @@ impl Worker {
         let order: Vec<String> = order.into_iter().cloned().collect();
 
         let mut errors = Vec::new();
+        let mut kind = PollError::Connect;
         for host in order {
             match self.fetch(&host) {
                 Ok(parsed) => {
@@ -327,6 +411,7 @@ impl Worker {
                         self.last_skipped = parsed.skipped;
                     }
                     let mut topology = parsed.topology;
+                    topology.maximum_lag_on_failover = self.max_lag;
                     self.resolve(&mut topology);
                     self.recovered(&host, &errors);
                     let changed = self.last.as_ref() != Some(&topology);
@@ -358,19 +443,80 @@ impl Worker {
                     debug!("cluster={} host={host} poll failed: {e}", self.cluster);
                     self.failed_at.insert(host.clone(), Instant::now());
                     errors.push(format!("{host}: {e}"));
+                    kind = e.kind();
                 }
             }
         }
-        let msg = if errors.is_empty() {
+        let message = if errors.is_empty() {
             "no hosts configured".to_string()
         } else {
             errors.join("; ")
         };
-        self.failing(&msg);
-        Err(msg)
+        self.failing(&message);
+        Err(PollFailure { kind, message })
     }
 
     fn fetch(&self, host: &str) -> Result<patroni::Parsed, FetchFailure> {
+        let (status, body) = self.get(host, "/cluster")?;
+        answer(status, &body)
+    }
+
+    /// Reads `maximum_lag_on_failover` from `host`'s `GET /config` when
+    /// [`Settings::read_config`] and [`CONFIG_INTERVAL`] has passed since
+    /// the last try; true when the value changed. A failure is logged when
+    /// it starts and keeps the last value (none: Patroni's 1 MiB default).
+    fn read_config(&mut self, host: &str) -> bool {
+        let due = self
+            .config_asked
+            .is_none_or(|(at, _)| at.elapsed() >= CONFIG_INTERVAL);
+        if !self.settings.read_config || !due {
+            return false;
+        }
+        let read = self.get(host, "/config").and_then(|(status, body)| {
+            status_ok(status)?;
+            health::maximum_lag_on_failover(&body)
+                .map_err(|e| FetchFailure::Other(PollError::Body, e))
+        });
+        let failed_before = self.config_asked.is_some_and(|(_, failed)| failed);
+        self.config_asked = Some((Instant::now(), read.is_err()));
+        match read {
+            Ok(v) => {
+                if failed_before {
+                    info!(
+                        "cluster={} host={host} GET /config works again",
+                        self.cluster
+                    );
+                }
+                if self.max_lag == Some(v) {
+                    return false;
+                }
+                info!(
+                    "cluster={} maximum_lag_on_failover {v} (GET /config of {host}), for /readiness",
+                    self.cluster
+                );
+                self.max_lag = Some(v);
+                true
+            }
+            Err(e) => {
+                if !failed_before {
+                    let keeps = match self.max_lag {
+                        Some(v) => format!("the last value read, {v}"),
+                        None => format!("Patroni's default, {DEFAULT_MAXIMUM_LAG_ON_FAILOVER}"),
+                    };
+                    warn!(
+                        "cluster={} host={host} GET /config failed: {e}; /readiness uses maximum_lag_on_failover {keeps}; retrying every {}s",
+                        self.cluster,
+                        CONFIG_INTERVAL.as_secs()
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// `GET path` on `host` with the cluster's TLS, credentials and
+    /// `api_timeout`: the status and the body.
+    fn get(&self, host: &str, path: &str) -> Result<(u16, Vec<u8>), FetchFailure> {
         let material = self.settings.tls.as_deref();
         let authorization = material.and_then(|m| m.authorization.as_ref());
         let has_cert = material.is_some_and(|m| m.identity.is_some());
@@ -381,17 +527,19 @@ impl Worker {
             (Some(config), true) => https::get(
                 config.clone(),
                 host,
-                "/cluster",
+                path,
                 authorization.map(|a| a.expose()),
                 self.settings.api_timeout,
                 MAX_BODY_BYTES,
             )
             .map_err(|e| match e {
                 https::FetchError::Tls(t) => FetchFailure::Tls(tls::describe(&t, has_cert)),
-                https::FetchError::Other(s) => FetchFailure::Other(s),
+                https::FetchError::Connect(s) => FetchFailure::Other(PollError::Connect, s),
+                https::FetchError::Timeout(s) => FetchFailure::Other(PollError::Timeout, s),
+                https::FetchError::Answer(s) => FetchFailure::Other(PollError::Body, s),
             })?,
             _ => {
-                let url = format!("{host}/cluster");
+                let url = format!("{host}{path}");
                 let mut req = self.agent.get(&url);
                 if let Some(a) = authorization {
                     req = req.header("Authorization", a.expose());
@@ -404,21 +552,15 @@ impl Worker {
                     .limit(MAX_BODY_BYTES)
                     .read_to_vec()
                     .map_err(|e| match ureq_failure(e, has_cert) {
-                        FetchFailure::Other(s) => FetchFailure::Other(format!("reading body: {s}")),
+                        FetchFailure::Other(k, s) => {
+                            FetchFailure::Other(k, format!("reading body: {s}"))
+                        }
                         tls => tls,
                     })?;
                 (status, body)
             }
         };
-        if status != 200 {
-            let hint = match status {
-                401 => " (check username and password_file)",
-                403 => " (forbidden: check Patroni's allowlist and client certificate)",
-                _ => "",
-            };
-            return Err(FetchFailure::Other(format!("HTTP status {status}{hint}")));
-        }
-        patroni::parse(&body).map_err(FetchFailure::Other)
+        Ok((status, body))
     }
 
     /// Fills in `ip` for every member with a host: IP literals (IPv6 with or
@@ -549,6 +691,28 @@ fn tls_config(m: Option<&ClientMaterial>) -> ureq::tls::TlsConfig {
         .build()
 }
 
+/// What a host's answer says: its `/cluster` document, or why not.
+fn answer(status: u16, body: &[u8]) -> Result<patroni::Parsed, FetchFailure> {
+    status_ok(status)?;
+    patroni::parse(body).map_err(|e| FetchFailure::Other(PollError::Body, e))
+}
+
+/// 200, or the failure in words with a hint for the usual mistakes.
+fn status_ok(status: u16) -> Result<(), FetchFailure> {
+    if status == 200 {
+        return Ok(());
+    }
+    let hint = match status {
+        401 => " (check username and password_file)",
+        403 => " (forbidden: check Patroni's allowlist and client certificate)",
+        _ => "",
+    };
+    Err(FetchFailure::Other(
+        PollError::Status,
+        format!("HTTP status {status}{hint}"),
+    ))
+}
+
 /// A ureq error, with the rustls error inside it (if any) put into words.
 fn ureq_failure(e: ureq::Error, has_cert: bool) -> FetchFailure {
     let inner = match &e {
@@ -556,10 +720,18 @@ fn ureq_failure(e: ureq::Error, has_cert: bool) -> FetchFailure {
         ureq::Error::Io(io) => tls::rustls_error(io),
         _ => None,
     };
-    match inner {
-        Some(t) => FetchFailure::Tls(tls::describe(t, has_cert)),
-        None => FetchFailure::Other(e.to_string()),
+    if let Some(t) = inner {
+        return FetchFailure::Tls(tls::describe(t, has_cert));
     }
+    let kind = match &e {
+        ureq::Error::Timeout(_) => PollError::Timeout,
+        ureq::Error::Io(io) if https::is_timeout(io) => PollError::Timeout,
+        ureq::Error::Protocol(_)
+        | ureq::Error::LargeResponseHeader(..)
+        | ureq::Error::BodyExceedsLimit(_) => PollError::Body,
+        _ => PollError::Connect,
+    };
+    FetchFailure::Other(kind, e.to_string())
 }
 
 #[cfg(test)]
@@ -575,6 +747,197 @@ mod tests {
             ],
             ..Topology::default()
         }
+    }
+
+    /// A worker for `hosts`, with a short `api_timeout`.
+    fn worker(hosts: Vec<String>) -> Worker {
+        let settings = Settings {
+            hosts,
+            interval: Duration::from_secs(1),
+            api_timeout: Duration::from_millis(300),
+            tls: None,
+            read_config: false,
+        };
+        let (tx, _) = std::sync::mpsc::channel();
+        Worker::new(1, "c".into(), settings, tx, Arc::new(|| {}))
+    }
+
+    /// A loopback HTTP host that answers every request with `answer`
+    /// (`None`: accepts and says nothing, keeping the connection).
+    fn host(answer: Option<&str>) -> String {
+        use std::io::{Read, Write};
+        let answer = answer.map(str::to_string);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = c.read(&mut buf);
+                match &answer {
+                    Some(a) => {
+                        let _ = c.write_all(a.as_bytes());
+                    }
+                    None => kept.push(c),
+                }
+            }
+        });
+        url
+    }
+
+    /// A host that sends a head and part of the body, then stalls.
+    fn stalled_body() -> String {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for mut c in l.incoming().flatten() {
+                let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 99\r\n\r\n{");
+                kept.push(c);
+            }
+        });
+        url
+    }
+
+    fn refused() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    fn failure(hosts: Vec<String>) -> PollFailure {
+        worker(hosts).poll_once().unwrap_err()
+    }
+
+    #[test]
+    fn poll_errors_carry_their_kind_from_where_they_happen() {
+        let ok = "HTTP/1.0 200 OK\r\n\r\n";
+        for (hosts, want) in [
+            (vec![refused()], PollError::Connect),
+            (vec![host(Some(""))], PollError::Connect),
+            (vec![host(None)], PollError::Timeout),
+            (
+                vec![host(Some("HTTP/1.0 503 Service Unavailable\r\n\r\nno"))],
+                PollError::Status,
+            ),
+            (
+                vec![host(Some("HTTP/1.0 401 Unauthorized\r\n\r\n"))],
+                PollError::Status,
+            ),
+            (vec![host(Some(&format!("{ok}not json")))], PollError::Body),
+            (
+                vec![host(Some(&format!("{ok}{{\"scope\": \"c\"}}")))],
+                PollError::Body,
+            ),
+            (
+                vec![host(Some("SSH-2.0-OpenSSH_9.2\r\n\r\n"))],
+                PollError::Body,
+            ),
+        ] {
+            let f = failure(hosts);
+            assert_eq!(f.kind, want, "{}", f.message);
+        }
+    }
+
+    #[test]
+    fn the_last_host_tried_decides_the_kind() {
+        let status = host(Some("HTTP/1.0 500 Oops\r\n\r\n"));
+        let f = failure(vec![host(None), status.clone()]);
+        assert_eq!(f.kind, PollError::Status, "{}", f.message);
+        assert!(f.message.contains("; "), "both hosts: {}", f.message);
+        let f = failure(vec![status, refused()]);
+        assert_eq!(f.kind, PollError::Connect, "{}", f.message);
+        assert_eq!(failure(Vec::new()).kind, PollError::Connect);
+        // Words of one kind in a message of another do not mislead.
+        let f = failure(vec![stalled_body()]);
+        assert_eq!(f.kind, PollError::Timeout, "{}", f.message);
+        assert!(f.message.contains("reading body"), "{}", f.message);
+        let f = failure(vec![refused() + "/timeout"]);
+        assert_eq!(f.kind, PollError::Connect, "{}", f.message);
+    }
+
+    #[test]
+    fn ureq_errors_map_to_kinds_whatever_their_wording() {
+        use std::io::{Error as IoError, ErrorKind};
+        for (e, want) in [
+            (
+                ureq::Error::Timeout(ureq::Timeout::Global),
+                PollError::Timeout,
+            ),
+            (
+                ureq::Error::Timeout(ureq::Timeout::Connect),
+                PollError::Timeout,
+            ),
+            (
+                ureq::Error::Io(IoError::new(ErrorKind::WouldBlock, "x")),
+                PollError::Timeout,
+            ),
+            (
+                ureq::Error::Io(IoError::new(ErrorKind::ConnectionReset, "timeout")),
+                PollError::Connect,
+            ),
+            (ureq::Error::HostNotFound, PollError::Connect),
+            (ureq::Error::ConnectionFailed, PollError::Connect),
+            (ureq::Error::BodyExceedsLimit(9), PollError::Body),
+            (
+                ureq::Error::Rustls(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer,
+                )),
+                PollError::Connect,
+            ),
+        ] {
+            let shown = e.to_string();
+            assert_eq!(ureq_failure(e, false).kind(), want, "{shown}");
+        }
+        assert!(matches!(
+            ureq_failure(ureq::Error::Rustls(rustls::Error::DecryptError), false),
+            FetchFailure::Tls(_)
+        ));
+    }
+
+    #[test]
+    fn answers_are_judged_by_status_then_body() {
+        let f = |status, body: &[u8]| answer(status, body).map(|_| ()).unwrap_err().kind();
+        assert_eq!(f(503, b"{}"), PollError::Status);
+        assert_eq!(f(200, b"HTTP status 503"), PollError::Body);
+        assert_eq!(f(200, b"[]"), PollError::Body);
+        assert!(answer(200, br#"{"members": []}"#).is_ok());
+    }
+
+    #[test]
+    fn every_kind_has_its_own_label() {
+        let names: HashSet<&str> = PollError::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), PollError::ALL.len());
+        for (i, k) in PollError::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "ALL is in index order");
+        }
+    }
+
+    #[test]
+    fn config_is_read_when_due_and_a_failure_keeps_the_last_value() {
+        let mut w = worker(Vec::new());
+        let good = host(Some(
+            "HTTP/1.0 200 OK\r\n\r\n{\"maximum_lag_on_failover\": 5, \"ttl\": 30}",
+        ));
+        assert!(!w.read_config(&good), "no health listener: never asked");
+        assert_eq!((w.max_lag, w.config_asked), (None, None));
+        w.settings.read_config = true;
+        assert!(w.read_config(&good), "a new value");
+        assert_eq!(w.max_lag, Some(5));
+        assert!(!w.read_config(&refused()), "not due yet");
+        let overdue = || Some((Instant::now() - CONFIG_INTERVAL, false));
+        w.config_asked = overdue();
+        assert!(!w.read_config(&good), "the same value");
+        w.config_asked = overdue();
+        assert!(!w.read_config(&refused()));
+        assert_eq!(w.max_lag, Some(5), "a failure keeps the last value");
+        assert!(w.config_asked.is_some_and(|(_, failed)| failed));
+        // The value goes with the topology of the next poll.
+        let cluster = host(Some("HTTP/1.0 200 OK\r\n\r\n{\"members\": []}"));
+        w.settings.hosts = vec![cluster];
+        let polled = w.poll_once().unwrap();
+        assert_eq!(polled.topology.unwrap().maximum_lag_on_failover, Some(5));
     }
 
     #[test]

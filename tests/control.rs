@@ -86,11 +86,37 @@ fn update_clusters_reports_success_and_failure() {
             && body.contains("HTTP status 500"),
         "{body}"
     );
+    assert!(poll_errors(&rig.proxy)["http_status"] > 0);
     rig.api.set_mode(Mode::Close);
     let (code, body) = rig.proxy.get("/update_clusters").unwrap();
     assert_eq!(code, 503, "{body}");
     // The loop kept serving clients while the polls ran.
     assert_eq!(whoami(local(rig.rw)), "node1");
+    // Each failure is counted by its kind, whatever the message says.
+    let errors = poll_errors(&rig.proxy);
+    assert!(errors["connect"] > 0, "{errors:?}");
+    assert_eq!((errors["timeout"], errors["body"]), (0, 0), "{errors:?}");
+    rig.api.set_mode(Mode::Hang);
+    assert_eq!(rig.proxy.update(), 503);
+    assert!(poll_errors(&rig.proxy)["timeout"] > 0);
+    rig.api
+        .set_raw("{\"members\": \"HTTP status 500, timed out\"}");
+    assert_eq!(rig.proxy.update(), 503);
+    let errors = poll_errors(&rig.proxy);
+    assert!(errors["body"] > 0, "{errors:?}");
+}
+
+/// `patroni_proxy_cluster_poll_errors_total` of cluster main, by reason.
+fn poll_errors(proxy: &Proxy) -> std::collections::HashMap<String, u64> {
+    let (_, text) = proxy.get("/metrics").unwrap();
+    let prefix = "patroni_proxy_cluster_poll_errors_total{cluster=\"main\",reason=\"";
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|l| {
+            let (reason, n) = l.split_once("\"} ")?;
+            Some((reason.to_string(), n.parse().ok()?))
+        })
+        .collect()
 }
 
 #[test]

@@ -590,3 +590,61 @@ fn lag_moving_every_poll_keeps_the_normal_poll_rate() {
     );
     p.wait_backends("main", "ro", &["node2", "node3"]);
 }
+
+#[test]
+fn members_replaced_over_time_leave_no_counters_behind() {
+    // Kubernetes-style rollouts: every pod comes back under a new name. A
+    // member's counters live while it is routable or has sessions, then go.
+    let node = Backend::start("pod");
+    let pod = |i: usize| {
+        cluster(vec![member(
+            &format!("pod-{i}"),
+            "leader",
+            "running",
+            node.addr,
+            None,
+        )])
+    };
+    let api = MockPatroni::start(&pod(0));
+    let rw = free_port();
+    let ports = format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}");
+    let proxy = Proxy::start(&config(free_port(), &[api.url()], &ports, ""));
+    let mut previous: Option<Client> = None;
+    for i in 0..50 {
+        api.set(&pod(i));
+        assert_eq!(proxy.update(), 200);
+        proxy.wait_backends("main", "rw", &[&format!("pod-{i}")]);
+        if let Some(mut c) = previous.take() {
+            assert!(c.is_closed(), "the session on pod-{} outlived it", i - 1);
+        }
+        let mut c = Client::connect(local(rw));
+        assert_eq!(c.greeting(), "pod");
+        assert!(c.echo("hi"));
+        previous = Some(c);
+    }
+    let (code, text) = proxy.get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    let mut named: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("patroni_proxy_backend_"))
+        .filter_map(|l| l.split("member=\"").nth(1)?.split('"').next())
+        .collect();
+    named.dedup();
+    assert_eq!(named, ["pod-49"], "backend series of gone members remain");
+    let connects = text
+        .lines()
+        .find(|l| l.starts_with("patroni_proxy_backend_connects_total{"))
+        .unwrap();
+    assert!(connects.ends_with(" 1"), "{connects}");
+    assert!(
+        text.contains(
+            "patroni_proxy_backend_sessions_current{cluster=\"main\",port=\"rw\",member=\"pod-49\"} 1"
+        ),
+        "{text}"
+    );
+    let s = proxy.status();
+    let members = s["clusters"]["main"]["ports"]["rw"]["stats"]["members"]
+        .as_object()
+        .unwrap();
+    assert_eq!(members.keys().collect::<Vec<_>>(), ["pod-49"]);
+}

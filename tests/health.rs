@@ -413,3 +413,68 @@ fn health_listener_serves_https_and_keeps_to_its_allow_list() {
 fn local_addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+/// A leader and a streaming replica `lag` bytes behind (Patroni 4.1 shape).
+fn leader_and_replica(lag: u64) -> Value {
+    let at = |i| SocketAddr::from(([127, 0, 0, i], 5432));
+    util::cluster(vec![
+        util::member("node1", "leader", "running", at(1), None),
+        util::member("node2", "replica", "streaming", at(2), Some(lag)),
+    ])
+}
+
+#[test]
+fn readiness_uses_the_clusters_maximum_lag_on_failover() {
+    // 3 MiB behind: over Patroni's 1 MiB default, within the cluster's 8 MiB.
+    let mock = MockPatroni::start(&leader_and_replica(3 << 20));
+    mock.set_config(Some(&serde_json::json!({
+        "ttl": 30, "loop_wait": 10, "retry_timeout": 10,
+        "maximum_lag_on_failover": 8 << 20,
+        "postgresql": {"use_pg_rewind": true, "parameters": {"max_connections": 100}},
+    })));
+    let (proxy, health, agent_port, _) = start(&mock, "");
+    let ready = || ask(health, "GET", "/main/node2/readiness").0;
+    assert!(
+        wait_until(Duration::from_secs(10), || ready() == 200),
+        "{}",
+        proxy.log()
+    );
+    assert!(agent(agent_port, b"/main/node2/readiness\n").starts_with("up"));
+    // An explicit lag= still wins, and a lag over the cluster's limit fails.
+    assert_eq!(ask(health, "GET", "/main/node2/readiness?lag=1MB").0, 503);
+    mock.set(&leader_and_replica(9 << 20));
+    assert!(wait_until(Duration::from_secs(10), || ready() == 503));
+    assert!(proxy.log().contains("maximum_lag_on_failover 8388608"));
+    // Read once, not on every poll (every 0.2 s here).
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(mock.config_requests(), 1);
+}
+
+#[test]
+fn readiness_keeps_patronis_default_when_config_fails() {
+    let mock = MockPatroni::start(&leader_and_replica(3 << 20));
+    // GET /config answers 502 (no configuration in the DCS).
+    let (proxy, health, _, _) = start(&mock, "");
+    assert!(wait_until(Duration::from_secs(10), || {
+        mock.config_requests() >= 1 && proxy.log().contains("GET /config failed")
+    }));
+    let (code, body) = ask(health, "GET", "/main/node2/readiness");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("exceeds maximum allowable 1048576"), "{body}");
+    assert_eq!(ask(health, "GET", "/main/node2/readiness?lag=4MB").0, 200);
+    assert_eq!(
+        proxy.log().matches("GET /config failed").count(),
+        1,
+        "logged once"
+    );
+    drop(proxy);
+
+    // Without a health listener, /config is never asked for.
+    let mock = MockPatroni::start(&leader_and_replica(0));
+    let rw = free_port();
+    let ports = format!("rw: {{listen: \"127.0.0.1:{rw}\", roles: [leader]}}");
+    let proxy = Proxy::start(&util::config(free_port(), &[mock.url()], &ports, ""));
+    assert_eq!(proxy.update(), 200);
+    assert_eq!(proxy.update(), 200);
+    assert_eq!(mock.config_requests(), 0);
+}

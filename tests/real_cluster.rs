@@ -127,6 +127,11 @@ fn cluster() -> Cluster {
 impl Cluster {
     /// `/cluster` from the first member that answers.
     fn topology(&self) -> Option<Value> {
+        self.api_json("/cluster")
+    }
+
+    /// `GET path` (a JSON document) from the first member that answers.
+    fn api_json(&self, path: &str) -> Option<Value> {
         if let Some(t) = &self.tls {
             return self.nodes.iter().find_map(|n| {
                 let out = Command::new("curl")
@@ -136,7 +141,7 @@ impl Cluster {
                     .arg(&t.cert)
                     .arg("--key")
                     .arg(&t.key)
-                    .arg(format!("{}/cluster", n.api))
+                    .arg(format!("{}{path}", n.api))
                     .output()
                     .ok()?;
                 out.status
@@ -147,7 +152,7 @@ impl Cluster {
         }
         self.nodes.iter().find_map(|n| {
             let addr = n.api.trim_start_matches("http://").parse().ok()?;
-            let (code, body) = http_get(addr, "/cluster").ok()?;
+            let (code, body) = http_get(addr, path).ok()?;
             (code == 200)
                 .then(|| serde_json::from_str(&body).ok())
                 .flatten()

@@ -130,11 +130,27 @@ pub fn asks(members: &[String]) -> Vec<Ask> {
     out
 }
 
-/// Our answer from a `/cluster` body (the proxy's rules, run directly).
+/// Where a round's body carries the cluster's `GET /config` (the proxy
+/// reads `maximum_lag_on_failover` from it for `/readiness`).
+const CONFIG: &str = "_config";
+
+/// `/cluster`, with `/config` under [`CONFIG`].
+fn round_body(c: &Cluster) -> Value {
+    let mut body = c.topology().expect("/cluster");
+    if let Some(config) = c.api_json("/config") {
+        body[CONFIG] = config;
+    }
+    body
+}
+
+/// Our answer from a round's body (the proxy's rules, run directly).
 pub fn ours(body: &Value, a: &Ask) -> u16 {
-    let t = patroni::parse(body.to_string().as_bytes())
+    let mut t = patroni::parse(body.to_string().as_bytes())
         .unwrap()
         .topology;
+    t.maximum_lag_on_failover = body
+        .get(CONFIG)
+        .map(|c| health::maximum_lag_on_failover(c.to_string().as_bytes()).unwrap());
     let view = View {
         topology: Some(&t),
         age: Duration::ZERO,
@@ -189,7 +205,7 @@ pub fn compare(c: &Cluster, label: &str, ours_of: &dyn Fn(&Value, &Ask) -> u16) 
         if round > 0 {
             thread::sleep(Duration::from_secs(2));
         }
-        let body = c.topology().expect("/cluster");
+        let body = round_body(c);
         last.clear();
         pending.retain(|a| {
             let theirs = theirs(c, &body, a);
@@ -276,10 +292,36 @@ fn stop_postgres(c: &Cluster, node: &Node) {
     });
 }
 
+/// Sets the cluster's `maximum_lag_on_failover`, then waits until our side
+/// answers a replica's `/readiness` with `want` (the proxy reads `/config`
+/// every 30 s).
+fn set_max_lag(c: &Cluster, value: i64, ours_of: &dyn Fn(&Value, &Ask) -> u16, want: u16) {
+    let set = format!("maximum_lag_on_failover={value}");
+    c.patronictl(&["edit-config", "demo", "-q", "--force", "-s", &set]);
+    let ask = Ask {
+        member: c.replicas()[0].name.clone(),
+        method: "GET",
+        target: "/readiness".into(),
+    };
+    assert!(
+        wait_until(Duration::from_secs(75), || ours_of(&round_body(c), &ask)
+            == want),
+        "/readiness never followed maximum_lag_on_failover {value}"
+    );
+}
+
 /// The states, in order; each compares every member and endpoint.
 pub fn run_states(c: &Cluster, ours_of: &dyn Fn(&Value, &Ask) -> u16) {
     let mut n = 0;
     n += compare(c, "async", ours_of);
+    if c.version == "4" {
+        // /readiness without lag= compares with the cluster's
+        // maximum_lag_on_failover: at -1 a streaming replica (lag 0) is
+        // over it. (Patroni 3 answers /readiness by "running".)
+        set_max_lag(c, -1, ours_of, 503);
+        n += compare(c, "maximum_lag_on_failover -1", ours_of);
+        set_max_lag(c, 1 << 20, ours_of, 200);
+    }
     // Tags on one replica: custom ones, and noloadbalance.
     let victim = c.replicas()[0];
     let original = std::fs::read_to_string(&victim.config).unwrap();

@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{info, warn};
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
@@ -26,6 +26,7 @@ use super::timer::Timer;
 use super::{token, Proxy};
 use crate::access::{Allow, RouteClass};
 use crate::admin::{self, Parse, Request, Response, Route};
+use crate::logging::debug;
 use crate::tls_server::{ServerTlsHandle, TlsStream};
 
 /// Admin connections must send their request within this.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn, Level};
 use mio::Waker;
 
-use super::stats::{ClusterStats, PollError};
+use super::stats::ClusterStats;
 use super::Proxy;
 use crate::config::{ClusterConfig, Config};
 use crate::error::{Error, Result};
@@ -57,6 +57,9 @@ pub fn settings(config: &Config, cluster: &ClusterConfig) -> updater::Settings {
         interval: config.cluster_update_interval,
         api_timeout: config.api_timeout,
         tls: cluster.tls_material.clone(),
+        // The health listeners answer `/readiness` by the cluster's
+        // `maximum_lag_on_failover`.
+        read_config: config.health.listen.is_some() || config.health.agent_listen.is_some(),
     }
 }
 
@@ -219,7 +222,7 @@ impl Clusters {
         &mut self,
         cluster: &str,
         updater: u64,
-        outcome: std::result::Result<updater::Polled, String>,
+        outcome: std::result::Result<updater::Polled, updater::PollFailure>,
         took: Duration,
         tls_failures: u64,
         now: Instant,
@@ -236,8 +239,8 @@ impl Clusters {
         let polled = match outcome {
             Err(e) => {
                 c.stats.poll_errors += 1;
-                c.stats.poll_errors_by[PollError::classify(&e) as usize] += 1;
-                c.last_error = Some(e);
+                c.stats.poll_errors_by[e.kind as usize] += 1;
+                c.last_error = Some(e.message);
                 return false;
             }
             Ok(polled) => polled,
@@ -257,7 +260,7 @@ impl Clusters {
                 topology::Change::SplitBrain { .. } => Level::Error,
                 _ => Level::Info,
             };
-            log::log!(level, "cluster={cluster} {change}");
+            crate::logging::log!(level, "cluster={cluster} {change}");
         }
         if topo.paused && !c.topology.as_ref().is_some_and(|t| t.paused) {
             info!("cluster={cluster} is in maintenance mode (pause)");
@@ -315,7 +318,7 @@ impl Proxy {
     /// everything that is there).
     pub(super) fn drain_updates(&mut self) {
         while let Some(u) = self.clusters.next_update() {
-            let failure = u.outcome.as_ref().err().cloned();
+            let failure = u.outcome.as_ref().err().map(|e| e.message.clone());
             let changed = self.clusters.apply(
                 &u.cluster,
                 u.updater,

@@ -8,7 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, log, trace, warn, Level};
+use log::{info, warn, Level};
 use mio::event::Event;
 use mio::net::TcpStream;
 use mio::Interest;
@@ -21,6 +21,7 @@ use super::timer::Timer;
 use super::token::{self, Side};
 use super::{sys, Proxy};
 use crate::config;
+use crate::logging::{debug, log, trace};
 
 /// Bytes moved per direction per pump before other sessions get a turn.
 const PUMP_BUDGET: usize = 256 * 1024;
@@ -317,11 +318,13 @@ impl Proxy {
 
     /// Its member stopped being routable while the session connected: drop
     /// the connect and route again. Its backend is gone from the port's
-    /// list, so there is no counter to release.
+    /// list; the release lets its member's counters go.
     fn reroute(&mut self, key: usize) {
         if let Some(s) = self.sessions.get_mut(key) {
             s.pair.drop_backend(self.poll.registry());
-            s.target = None;
+            if let (Some(t), Some(l)) = (s.target.take(), self.listeners.get_mut(s.listener)) {
+                l.backends.release(&t);
+            }
             self.route(key);
         }
     }

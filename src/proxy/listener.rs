@@ -6,14 +6,25 @@
 //! balancing is not reset by an unrelated change. A backend's `active`
 //! counts the sessions of this port that are connecting to or connected to
 //! it.
+//!
+//! Per-member counters live in a slab ([`Backends::members`]) at a slot
+//! that `Backend::slot` and `Target::slot` name. An entry lives while its
+//! member is in the list or a session targets it ([`MemberStats::sessions`],
+//! counted by [`Backends::pick`] and [`Backends::release`]), and goes with
+//! the last of the two; only then can its slot be reused. So the table holds
+//! the current members plus those still carrying sessions, however many
+//! names a port routed to over its life, and a slot never names another
+//! member while a session holds it. A member back within its sessions'
+//! lifetime finds its entry (by name) with its counters.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
+use slab::Slab;
 
-use super::stats::{member_slot, MemberStats, PortStats};
+use super::stats::{MemberStats, PortStats};
 use crate::config::{ClusterConfig, PortConfig};
 use crate::policy::{LagTracker, PortPolicy};
 use crate::topology::{pick_least, PortFilter, Route};
@@ -52,14 +63,16 @@ impl std::fmt::Display for Target {
 }
 
 /// The routable members of a port with their least-connections counters,
-/// and the per-member counters of everything the port ever routed to.
+/// and the per-member counters of the members in the list or targeted by a
+/// session.
 #[derive(Debug, Default)]
 pub struct Backends {
     pub list: Vec<Backend>,
     /// Where the next tie-break starts.
     cursor: usize,
-    /// Never shrinks: `Target::slot` and `Backend::slot` index it.
-    pub members: Vec<MemberStats>,
+    /// `Target::slot` and `Backend::slot` index it; see the module docs for
+    /// when an entry goes.
+    pub members: Slab<MemberStats>,
 }
 
 impl Backends {
@@ -85,6 +98,9 @@ impl Backends {
                 },
             })
             .collect();
+        let listed: std::collections::HashSet<usize> = self.list.iter().map(|b| b.slot).collect();
+        self.members
+            .retain(|slot, m| m.sessions > 0 || listed.contains(&slot));
     }
 
     /// A backend that new clients can be sent to.
@@ -101,6 +117,9 @@ impl Backends {
         self.cursor = i + 1;
         let b = &mut self.list[i];
         b.active += 1;
+        if let Some(m) = self.members.get_mut(b.slot) {
+            m.sessions += 1;
+        }
         Some(Target {
             member: Rc::clone(&b.member),
             addr: b.addr,
@@ -108,16 +127,38 @@ impl Backends {
         })
     }
 
-    /// A session of this port left `target`.
+    /// A session of this port left `target` (each [`Backends::pick`] is
+    /// released once); the member's counters go with its last session once
+    /// it is no longer in the list.
     pub fn release(&mut self, target: &Target) {
         if let Some(b) = self.list.iter_mut().find(|b| b.is_target(target)) {
             b.active = b.active.saturating_sub(1);
+        }
+        let Some(m) = self.member_stats(target) else {
+            debug_assert!(false, "{target} released twice");
+            return;
+        };
+        m.sessions = m.sessions.saturating_sub(1);
+        if m.sessions == 0 && !self.list.iter().any(|b| b.slot == target.slot) {
+            self.members.remove(target.slot);
         }
     }
 
     /// The counters of `target`'s member.
     pub fn member_stats(&mut self, target: &Target) -> Option<&mut MemberStats> {
-        self.members.get_mut(target.slot)
+        // The name check is a guard: a slot is not reused while a session
+        // holds it.
+        self.members
+            .get_mut(target.slot)
+            .filter(|m| m.member == target.member)
+    }
+}
+
+/// The slot of `member` in `members`, added if new.
+fn member_slot(members: &mut Slab<MemberStats>, member: &str) -> usize {
+    match members.iter().find(|(_, m)| &*m.member == member) {
+        Some((slot, _)) => slot,
+        None => members.insert(MemberStats::new(Rc::from(member))),
     }
 }
 
@@ -251,14 +292,78 @@ mod tests {
     }
 
     #[test]
-    fn member_counters_outlive_the_backend_list() {
+    fn member_counters_outlive_the_backend_list_while_a_session_holds_them() {
         let mut b = Backends::default();
         b.set(&[route("a", 1, false)]);
         let t = b.pick(&[]).unwrap();
         b.set(&[route("b", 2, false)]);
         b.member_stats(&t).unwrap().bytes_up += 7;
+        // a is back while its session lives: same entry, same counters.
         b.set(&[route("a", 1, false), route("b", 2, false)]);
         assert_eq!(b.list[0].slot, t.slot, "a keeps its slot");
         assert_eq!(b.members[t.slot].bytes_up, 7);
+        b.release(&t);
+        assert_eq!(b.members[t.slot].bytes_up, 7, "listed: kept");
+        assert_eq!(b.members[t.slot].sessions, 0);
+    }
+
+    fn names(b: &Backends) -> Vec<&str> {
+        let mut v: Vec<&str> = b.members.iter().map(|(_, m)| &*m.member).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn counters_of_a_member_gone_from_list_and_sessions_go() {
+        let mut b = Backends::default();
+        b.set(&[route("a", 1, false), route("b", 2, false)]);
+        let on_a = b.pick(&[]).unwrap();
+        assert_eq!(&*on_a.member, "a");
+        // a and b leave; b had no session: its counters go now.
+        b.set(&[route("c", 3, false)]);
+        assert_eq!(names(&b), ["a", "c"]);
+        b.member_stats(&on_a).unwrap().bytes_down += 3;
+        // a's last session ends: a goes too.
+        b.release(&on_a);
+        assert_eq!(names(&b), ["c"]);
+        assert!(b.member_stats(&on_a).is_none());
+    }
+
+    #[test]
+    fn fifty_members_in_turn_leave_no_trace() {
+        let mut b = Backends::default();
+        let mut held: Option<Target> = None;
+        for i in 0..50u16 {
+            let name = format!("pod-{i}");
+            b.set(&[route(&name, 100 + i, false)]);
+            // The session on the previous pod ends after its pod left.
+            if let Some(t) = held.take() {
+                b.release(&t);
+            }
+            let t = b.pick(&[]).unwrap();
+            b.member_stats(&t).unwrap().connects += 1;
+            held = Some(t);
+            assert!(b.members.len() <= 2, "{:?}", names(&b));
+        }
+        assert_eq!(names(&b), ["pod-49"]);
+        assert!(b.members.capacity() < 8, "slots are reused");
+    }
+
+    #[test]
+    fn a_reused_slot_is_never_another_members() {
+        let mut b = Backends::default();
+        b.set(&[route("a", 1, false)]);
+        let on_a = b.pick(&[]).unwrap();
+        b.set(&[route("b", 2, false)]);
+        let on_b = b.pick(&[]).unwrap();
+        b.release(&on_a); // a goes, its slot is free
+        b.set(&[route("b", 2, false), route("c", 3, false)]);
+        let c = b.list.iter().find(|x| &*x.member == "c").unwrap().slot;
+        assert_eq!(c, on_a.slot, "c took a's old slot");
+        // A target naming a at that slot (a stale copy) reaches nothing.
+        assert!(b.member_stats(&on_a).is_none());
+        b.member_stats(&on_b).unwrap().bytes_up += 1;
+        assert_eq!(b.members[c].bytes_up, 0);
+        assert_eq!(b.members[c].member.as_ref(), "c");
     }
 }

@@ -7,7 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn, Level};
+use log::{error, info, warn, Level};
 use mio::net::{TcpListener, TcpStream};
 use mio::Interest;
 
@@ -19,6 +19,7 @@ use super::token::{self, Side};
 use super::{admin, buffer, sys, Proxy};
 use crate::config::{ClusterConfig, Keepalive, PortConfig};
 use crate::error::{Error, Result};
+use crate::logging::debug;
 use crate::policy::{self, Hold, LagEvent};
 use crate::topology::{self, Route, Topology};
 

@@ -1,9 +1,8 @@
 //! `GET /metrics`: the counters of `stats.rs`, the gauges counted from the
 //! session table and the topologies, in Prometheus text format.
 //!
-//! Read-only, like `status.rs`. One scrape allocates its output buffer and
-//! one small table of per-backend session counts (per port and member,
-//! never per session); label values are borrowed from the loop's state.
+//! Read-only, like `status.rs`. One scrape allocates its output buffer
+//! (nothing per session); label values are borrowed from the loop's state.
 //! Every family is listed in man 5 (METRICS), and a test checks that list
 //! against what is served.
 
@@ -28,27 +27,6 @@ impl Proxy {
         let mut w = Writer::new(&mut out);
         let now = Instant::now();
         let view = self.stats();
-        // Open sessions per (listener, member slot).
-        let mut per_backend: Vec<Vec<u32>> = self
-            .listeners
-            .iter()
-            .map(|(_, l)| vec![0; l.backends.members.len()])
-            .collect();
-        let index: Vec<usize> = {
-            let mut idx = vec![usize::MAX; self.listeners.capacity()];
-            for (i, (k, _)) in self.listeners.iter().enumerate() {
-                idx[k] = i;
-            }
-            idx
-        };
-        for (_, s) in self.sessions.iter().filter(|(_, s)| !s.is_closed()) {
-            if let (Some(t), Some(&i)) = (&s.target, index.get(s.listener)) {
-                if let Some(n) = per_backend.get_mut(i).and_then(|v| v.get_mut(t.slot)) {
-                    *n += 1;
-                }
-            }
-        }
-
         // One name per family, reused by its samples.
         let family = |w: &mut Writer, n: &str, k: Kind, help: &str| -> String {
             let name = format!("{P}{n}");
@@ -164,13 +142,8 @@ impl Proxy {
             Kind::Gauge,
             "Open sessions relayed to a member through a port.",
         );
-        for (i, p) in ports.iter().enumerate() {
-            for (slot, m) in p.members.iter().enumerate() {
-                let n = per_backend
-                    .get(i)
-                    .and_then(|v| v.get(slot))
-                    .copied()
-                    .unwrap_or(0);
+        for p in &ports {
+            for (_, m) in p.members {
                 w.sample(
                     &f,
                     &[
@@ -178,7 +151,7 @@ impl Proxy {
                         ("port", p.port),
                         ("member", &m.member),
                     ],
-                    n,
+                    m.sessions,
                 );
             }
         }
@@ -208,7 +181,7 @@ impl Proxy {
         for (n, help, get) in counters {
             let f = family(&mut w, n, Kind::Counter, help);
             for p in &ports {
-                for m in p.members {
+                for (_, m) in p.members {
                     let labels = [
                         ("cluster", p.cluster),
                         ("port", p.port),
@@ -225,7 +198,7 @@ impl Proxy {
             "Sessions on a member that ended while relaying, by reason.",
         );
         for p in &ports {
-            for m in p.members {
+            for (_, m) in p.members {
                 for r in CloseReason::ALL {
                     w.sample(
                         &f,

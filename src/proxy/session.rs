@@ -289,6 +289,8 @@ impl Session {
 
     /// A connect to `target` is under way on `backend`'s socket.
     pub fn connecting(&mut self, target: Target, deadline: Instant) -> Verdict {
+        // The last target was released first (it holds its member's counters).
+        debug_assert!(self.target.is_none(), "a target replaced unreleased");
         self.target = Some(target);
         self.phase = Phase::Connecting { deadline };
         Verdict::Arm(deadline)

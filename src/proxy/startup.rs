@@ -167,7 +167,10 @@ impl Startup {
                         self.sent.len()
                     };
                     let next = self.sent.get(self.replayed..end).unwrap_or_default();
-                    log::debug!("replay: N swallowed, sending {} more bytes", next.len());
+                    crate::logging::debug!(
+                        "replay: N swallowed, sending {} more bytes",
+                        next.len()
+                    );
                     send_now_or_queue(backend, &mut p.to_backend, pool, next)
                         .map_err(backend_err)?;
                     self.replayed = end;
@@ -272,7 +275,7 @@ impl Startup {
         } else {
             self.sent.len()
         };
-        log::debug!(
+        crate::logging::debug!(
             "session={id} replay prepared: sent={} answered={} first segment={}",
             self.sent.len(),
             self.answered,

@@ -2,17 +2,20 @@
 //!
 //! - [`PortStats`] lives in its `Listener` (indexed by the listener's slab
 //!   key, like the port): sessions accepted, refused and closed, by reason.
-//! - [`MemberStats`] lives in the port too, one per member the port ever
-//!   routed to, at a fixed index (`Target::slot`): bytes each way, connects
-//!   and connect failures. It outlives the member's place in the backend
-//!   list, so a session that ends after its member left is still counted.
+//! - [`MemberStats`] lives in the port too, one per member in the port's
+//!   backend list or targeted by one of its sessions, at a fixed slot
+//!   (`Target::slot`): bytes each way, connects and connect failures. It
+//!   outlives the member's place in the backend list while sessions remain,
+//!   so a session that ends after its member left is still counted; then it
+//!   goes (`listener.rs`), and so do the member's series in `/metrics`.
 //! - [`ClusterStats`] lives in its `ClusterState`: polls, failed polls and
 //!   leader changes.
 //! - [`ProxyStats`]: process-wide events (accept pauses, start-up retries).
 //!
 //! Nothing is allocated per session; a counter only ever grows (Prometheus
-//! counter semantics). Gauges (sessions now, sessions held) are not kept
-//! here: they are counted from the session table when read (`status.rs`).
+//! counter semantics). Gauges are not kept here, but for
+//! `MemberStats::sessions`: the others (sessions now, sessions held) are
+//! counted from the session table when read (`status.rs`).
 
 use std::rc::Rc;
 
@@ -177,6 +180,9 @@ pub struct MemberStats {
     pub connect_failures: u64,
     /// Sessions on this member that ended while relaying, by reason.
     pub closed: ByReason,
+    /// Sessions of the port on this member now (connecting or connected):
+    /// while any, the entry stays.
+    pub sessions: u32,
 }
 
 impl MemberStats {
@@ -188,69 +194,14 @@ impl MemberStats {
             connects: 0,
             connect_failures: 0,
             closed: ByReason::default(),
+            sessions: 0,
         }
     }
 }
 
-/// The index of `member` in `members`, added if new. The index never
-/// changes afterwards.
-pub fn member_slot(members: &mut Vec<MemberStats>, member: &str) -> usize {
-    match members.iter().position(|m| &*m.member == member) {
-        Some(i) => i,
-        None => {
-            members.push(MemberStats::new(Rc::from(member)));
-            members.len() - 1
-        }
-    }
-}
-
-/// Why a poll failed (the last host's failure decides).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PollError {
-    /// No connection, or it broke.
-    Connect,
-    Timeout,
-    /// An HTTP status other than 200.
-    Status,
-    /// A body that is not a `/cluster` document.
-    Body,
-}
-
-impl PollError {
-    pub const ALL: [PollError; 4] = [
-        PollError::Connect,
-        PollError::Timeout,
-        PollError::Status,
-        PollError::Body,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PollError::Connect => "connect",
-            PollError::Timeout => "timeout",
-            PollError::Status => "http_status",
-            PollError::Body => "body",
-        }
-    }
-
-    /// From the updater's message (the last `host: error` part decides).
-    pub fn classify(msg: &str) -> PollError {
-        let last = msg.rsplit("; ").next().unwrap_or(msg);
-        if last.contains("HTTP status") {
-            PollError::Status
-        } else if last.contains("not JSON")
-            || last.contains("members")
-            || last.contains("not a JSON")
-            || last.contains("reading body")
-        {
-            PollError::Body
-        } else if last.contains("imeout") || last.contains("timed out") {
-            PollError::Timeout
-        } else {
-            PollError::Connect
-        }
-    }
-}
+/// Why a poll failed (the last host's failure decides), as the updater
+/// reports it.
+pub use crate::updater::PollError;
 
 /// Poll durations, from 1 ms to the longest sensible `api_timeout`.
 pub const POLL_BUCKETS: &[f64] = &[
@@ -339,31 +290,5 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), CloseReason::ALL.len());
-    }
-
-    #[test]
-    fn poll_errors_are_classified_by_the_last_host() {
-        for (msg, want) in [
-            ("http://a/cluster: HTTP status 503", PollError::Status),
-            (
-                "a: timeout: global; b: Connection refused",
-                PollError::Connect,
-            ),
-            ("a: HTTP status 500; b: io: timed out", PollError::Timeout),
-            ("a: not JSON: expected value", PollError::Body),
-            ("no hosts configured", PollError::Connect),
-        ] {
-            assert_eq!(PollError::classify(msg), want, "{msg}");
-        }
-    }
-
-    #[test]
-    fn member_slots_are_stable() {
-        let mut m = Vec::new();
-        assert_eq!(member_slot(&mut m, "a"), 0);
-        assert_eq!(member_slot(&mut m, "b"), 1);
-        m[0].bytes_up = 5;
-        assert_eq!(member_slot(&mut m, "a"), 0);
-        assert_eq!(m[0].bytes_up, 5);
     }
 }

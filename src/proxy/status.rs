@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use serde_json::{json, Value};
+use slab::Slab;
 
 use super::listener::Listener;
 use super::stats::{ClusterStats, MemberStats, PortStats, ProxyStats};
@@ -25,8 +26,9 @@ pub struct PortView<'a> {
     pub cluster: &'a str,
     pub port: &'a str,
     pub stats: &'a PortStats,
-    /// Every member the port ever routed to, with its counters.
-    pub members: &'a [MemberStats],
+    /// The members the port routes to or has sessions on, with their
+    /// counters, by slot.
+    pub members: &'a Slab<MemberStats>,
     /// Open sessions now.
     pub sessions: usize,
     /// Of those, held: waiting for a routable member or for a retry.
@@ -253,7 +255,7 @@ fn render_port_stats(p: &PortView) -> Value {
     let members: serde_json::Map<String, Value> = p
         .members
         .iter()
-        .map(|m| {
+        .map(|(_, m)| {
             (
                 m.member.to_string(),
                 json!({

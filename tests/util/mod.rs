@@ -99,6 +99,10 @@ pub struct MockPatroni {
     pub addr: SocketAddr,
     mode: Arc<Mutex<Mode>>,
     requests: Arc<AtomicUsize>,
+    /// The `GET /config` body; `None` answers 502, as Patroni does when
+    /// the DCS has no configuration.
+    config: Arc<Mutex<Option<String>>>,
+    config_requests: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -108,8 +112,11 @@ impl MockPatroni {
         let addr = listener.local_addr().unwrap();
         let mode = Arc::new(Mutex::new(Mode::Body(body.to_string())));
         let requests = Arc::new(AtomicUsize::new(0));
+        let config = Arc::new(Mutex::new(None::<String>));
+        let config_requests = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (m, r, s) = (mode.clone(), requests.clone(), stop.clone());
+        let (c, cr) = (config.clone(), config_requests.clone());
         thread::spawn(move || {
             let mut hung = Vec::new();
             for conn in listener.incoming() {
@@ -131,6 +138,17 @@ impl MockPatroni {
                     .unwrap_or("")
                     .to_string();
                 let mode = m.lock().unwrap().clone();
+                if path == "/config" {
+                    cr.fetch_add(1, Ordering::SeqCst);
+                    let _ = match c.lock().unwrap().clone() {
+                        Some(b) => write!(
+                            conn,
+                            "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{b}"
+                        ),
+                        None => write!(conn, "HTTP/1.0 502 Bad Gateway\r\n\r\n"),
+                    };
+                    continue;
+                }
                 if path == "/cluster" {
                     r.fetch_add(1, Ordering::SeqCst);
                 } else {
@@ -156,8 +174,20 @@ impl MockPatroni {
             addr,
             mode,
             requests,
+            config,
+            config_requests,
             stop,
         }
+    }
+
+    /// What `GET /config` answers from now on (`None`: 502).
+    pub fn set_config(&self, body: Option<&Value>) {
+        *self.config.lock().unwrap() = body.map(Value::to_string);
+    }
+
+    /// `GET /config` requests so far.
+    pub fn config_requests(&self) -> usize {
+        self.config_requests.load(Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
