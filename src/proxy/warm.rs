@@ -24,7 +24,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use log::debug;
 use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry};
@@ -34,6 +33,7 @@ use super::lifecycle::open_backend;
 use super::session::{connect_state, Connect};
 use super::token;
 use super::Proxy;
+use crate::logging::debug;
 
 /// How long a member waits for its next pooled socket after a failed
 /// connect, or after the server closed one within this time of its opening.
