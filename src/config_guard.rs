@@ -68,7 +68,7 @@ fn flow_depth(text: &str) -> (usize, usize) {
         if at_line_start {
             let spaces = b[i..].iter().take_while(|&&x| x == b' ').count();
             let rest = &b[i + spaces..];
-            let blank = rest.first().is_none_or(|&x| x == b'\n' || x == b'\r');
+            let blank = rest.is_empty() || line_break(rest, 0) > 0;
             if let Some(parent) = block_scalar {
                 if blank || spaces > parent {
                     // Block scalar content: skip the line.
@@ -84,14 +84,15 @@ fn flow_depth(text: &str) -> (usize, usize) {
             i += spaces;
             continue;
         }
+        let br = line_break(b, i);
+        if br > 0 {
+            line += 1;
+            at_line_start = true;
+            i += br;
+            continue;
+        }
         match c {
-            b'\n' => {
-                line += 1;
-                at_line_start = true;
-                i += 1;
-                continue;
-            }
-            b' ' | b'\t' | b'\r' => {
+            b' ' | b'\t' => {
                 token_start = true;
                 i += 1;
                 continue;
@@ -146,18 +147,32 @@ fn flow_depth(text: &str) -> (usize, usize) {
     (max, max_line)
 }
 
-fn skip_line(b: &[u8], i: usize) -> usize {
-    match b[i..].iter().position(|&x| x == b'\n') {
-        Some(n) => i + n + 1,
-        None => b.len(),
+/// The length of the line break at `b[i]`, 0 if there is none. libyaml
+/// (YAML 1.1) breaks lines at LF, CR, CR LF, NEL (U+0085), LS (U+2028) and
+/// PS (U+2029), not only at LF: a lexer that knew only LF would take what
+/// follows a CR for the rest of a plain scalar, and miss the brackets that
+/// libyaml sees at the start of a new line.
+fn line_break(b: &[u8], i: usize) -> usize {
+    match b.get(i..).unwrap_or_default() {
+        [b'\r', b'\n', ..] | [0xC2, 0x85, ..] => 2,
+        [b'\n' | b'\r', ..] => 1,
+        [0xE2, 0x80, 0xA8 | 0xA9, ..] => 3,
+        _ => 0,
     }
 }
 
+/// Where the line after the one `i` is on starts.
+fn skip_line(b: &[u8], i: usize) -> usize {
+    let end = skip_comment(b, i);
+    end + line_break(b, end)
+}
+
+/// Where the line break that ends the line `i` is on starts (the caller
+/// handles the break itself).
 fn skip_comment(b: &[u8], i: usize) -> usize {
-    match b[i..].iter().position(|&x| x == b'\n') {
-        Some(n) => i + n, // the newline itself is handled by the caller
-        None => b.len(),
-    }
+    (i..b.len())
+        .find(|&j| line_break(b, j) > 0)
+        .unwrap_or(b.len())
 }
 
 /// Past the closing quote of the scalar opening at `i`; also the number of
@@ -189,8 +204,10 @@ fn skip_plain(b: &[u8], i: usize, in_flow: bool) -> usize {
         let c = b[j];
         let next = b.get(j + 1).copied();
         let spaced = |x: Option<u8>| matches!(x, None | Some(b' ' | b'\t' | b'\r' | b'\n'));
+        if line_break(b, j) > 0 {
+            return j;
+        }
         match c {
-            b'\n' => return j,
             b':' if spaced(next) || (in_flow && matches!(next, Some(b',' | b']' | b'}'))) => {
                 return j
             }
@@ -257,6 +274,22 @@ pub fn check_authority(authority: &str, display: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the authority at the start of `tail` (just after a `://`) ends in
+/// a message: at a quote, a comma or ASCII white space. A backslash ends it
+/// only as the start of an escaped quote: messages quote values the way
+/// Rust's `{:?}` does, so an escape such as `\u{85}` inside a password is
+/// part of it (stopping there would show the rest of the password).
+fn authority_end(tail: &str) -> usize {
+    let b = tail.as_bytes();
+    (0..b.len())
+        .find(|&i| match b[i] {
+            b'"' | b'\'' | b' ' | b'\t' | b',' | b'\n' | b'\r' => true,
+            b'\\' => matches!(b.get(i + 1), Some(b'"' | b'\'')),
+            _ => false,
+        })
+        .unwrap_or(b.len())
+}
+
 /// `text` with the user information of every `scheme://user:pass@` URL in it
 /// replaced by `***` (everything up to the URL's last `@`, as a password may
 /// hold a `/`), for messages that quote the file.
@@ -267,9 +300,7 @@ pub fn redact(text: &str) -> String {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
         // Up to where a URL surely ends: a password may hold a `/`.
-        let end = tail
-            .find(['"', '\'', ' ', '\t', ',', '\n', '\\'])
-            .unwrap_or(tail.len());
+        let end = authority_end(tail);
         let authority = &tail[..end];
         match authority.rfind('@') {
             Some(a) => {
@@ -360,5 +391,29 @@ mod tests {
         );
         assert_eq!(redact("no urls"), "no urls");
         assert_eq!(redact("x http://u:pa/ss@h/p y"), "x http://***@h/p y");
+        // A control character in the password, escaped by `{:?}` (found by
+        // the config fuzz target): the escape is part of the password.
+        let quoted = format!("{:?}", "http://u:s3cr\u{85}x:s3cret@h");
+        assert_eq!(redact(&quoted), "\"http://***@h\"");
+        assert_eq!(
+            redact(r#"string "a \"http://u:p@h\" b""#),
+            r#"string "a \"http://***@h\" b""#
+        );
+    }
+
+    #[test]
+    fn every_yaml_line_break_starts_a_line_for_the_nesting_lexer() {
+        // Found by the config fuzz target: text after a CR (or NEL, LS, PS)
+        // is a new line to libyaml, whose flow nesting then costs seconds;
+        // the lexer took it for the rest of a plain scalar.
+        let deep = "{".repeat(5_000);
+        for br in ["\r", "\u{85}", "\u{2028}", "\u{2029}", "\r\n"] {
+            let text = format!("&a{br}{deep}");
+            let err = precheck(&text).unwrap_err();
+            assert!(err.contains("nested more than"), "{br:?}: {err}");
+            assert!(err.starts_with("line 2:"), "{br:?}: {err}");
+        }
+        let (depth, _) = flow_depth("a: b\r# {{{{{{{{{{\rc: [d]\r");
+        assert_eq!(depth, 1, "a comment ends at a CR too");
     }
 }

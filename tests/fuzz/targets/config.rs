@@ -25,9 +25,16 @@ fn only_in_urls(text: &str) -> bool {
         return false;
     }
     text.match_indices(PASSWORD).all(|(i, _)| {
+        // YAML 1.1 line breaks include NEL, LS and PS: a quoted scalar
+        // folds them into a space, which ends a URL.
+        const ENDS: [char; 12] = [
+            ' ', '\t', '\n', '\r', '"', '\'', ',', '[', '{', '\u{85}', '\u{2028}', '\u{2029}',
+        ];
         let token_start = text[..i]
-            .rfind([' ', '\t', '\n', '\r', '"', '\'', ',', '[', '{'])
-            .map_or(0, |j| j + 1);
+            .char_indices()
+            .rev()
+            .find(|(_, c)| ENDS.contains(c))
+            .map_or(0, |(j, c)| j + c.len_utf8());
         let before = &text[token_start..i];
         let after = &text[i + PASSWORD.len()..];
         after.starts_with('@')
