@@ -106,6 +106,8 @@ pub struct Proxy {
     /// The soft open-files limit (see `ports::check_fd_limit`).
     fd_limit: u64,
     stats: ProxyStats,
+    /// `process_open_fds` for `/metrics`, never listed in the loop.
+    open_fds: crate::metrics::OpenFds,
     drain_deadline: Option<Instant>,
     exit_now: bool,
 }
@@ -161,6 +163,7 @@ impl Proxy {
             next_id: 1,
             fd_limit: u64::MAX,
             stats: ProxyStats::default(),
+            open_fds: crate::metrics::OpenFds::new(),
             drain_deadline: None,
             exit_now: false,
         };

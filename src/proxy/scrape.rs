@@ -415,7 +415,9 @@ impl Proxy {
                 );
             }
         }
-        ProcessStats::read(sys::clock_ticks(), sys::page_size()).write(&mut w);
+        let mut process = ProcessStats::read(sys::clock_ticks(), sys::page_size());
+        process.open_fds = self.open_fds.get();
+        process.write(&mut w);
         out
     }
 }
