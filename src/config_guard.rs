@@ -133,6 +133,13 @@ fn flow_depth(text: &str) -> (usize, usize) {
                 // quoted key in flow (`{"a":1}`) also starts a token.
                 token_start = true;
             }
+            b'!' | b'&' | b'*' if token_start => {
+                // A tag, an anchor or an alias: a node's property, after
+                // which (and a space) a flow collection may open; it is not
+                // the start of a plain scalar that would hide the bracket.
+                i = skip_property(b, i);
+                continue;
+            }
             _ => {
                 // A plain scalar. In block context it may hold brackets and
                 // quotes that mean nothing, so skip it to where the next
@@ -198,6 +205,16 @@ fn skip_quoted(b: &[u8], i: usize) -> (usize, usize) {
 /// at a line break, at `: ` or ` #`, and in flow context at any flow
 /// indicator. Multi-line plain scalars are resumed line by line, which only
 /// ever makes the lexer see more structure, never less.
+/// Where the tag, anchor or alias at `b[i]` ends: at a space, a line break
+/// or a flow indicator (which then counts).
+fn skip_property(b: &[u8], i: usize) -> usize {
+    (i + 1..b.len())
+        .find(|&j| {
+            matches!(b[j], b' ' | b'\t' | b',' | b'[' | b']' | b'{' | b'}') || line_break(b, j) > 0
+        })
+        .unwrap_or(b.len())
+}
+
 fn skip_plain(b: &[u8], i: usize, in_flow: bool) -> usize {
     let mut j = i;
     while j < b.len() {
@@ -415,5 +432,21 @@ mod tests {
         }
         let (depth, _) = flow_depth("a: b\r# {{{{{{{{{{\rc: [d]\r");
         assert_eq!(depth, 1, "a comment ends at a CR too");
+    }
+
+    #[test]
+    fn a_tag_anchor_or_alias_does_not_hide_the_brackets_after_it() {
+        // Found by the config fuzz target: `!tag [[[[...` is a tag, then a
+        // flow sequence, which the lexer took for one plain scalar.
+        let deep = "[".repeat(5_000);
+        for property in ["!t", "!ut---", "&a", "*a", "!!seq"] {
+            let text = format!("k:\n {property} {deep}");
+            let err = precheck(&text).unwrap_err();
+            assert!(err.contains("nested more than"), "{property}: {err}");
+        }
+        // A legitimate file with an anchor still passes.
+        let ok = "clusters: &c\n  main: {hosts: [\"http://h:8008\"], ports: {rw: {listen: \"127.0.0.1:5000\", roles: [leader]}}}\n";
+        assert_eq!(flow_depth(ok).0, 4);
+        assert_eq!(precheck(ok), Ok(()));
     }
 }
