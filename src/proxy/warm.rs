@@ -9,7 +9,9 @@
 //! of its port and member, re-registered under the session's token. It is
 //! closed when the server closes it or says anything (PostgreSQL never
 //! speaks first, so a byte is a refusal such as "too many clients"), when it
-//! is older than `preconnect_max_age`, when its member stops taking new
+//! past its lifetime (`preconnect_max_age`; the first sockets of a group
+//! get shorter ones, spread over that age, so that they are not all replaced
+//! in the same turn), when its member stops taking new
 //! clients on the port, when the port goes, and on drain.
 //!
 //! The refill runs at the end of a loop turn, and only when something
@@ -45,7 +47,17 @@ struct WarmSock {
     listener: usize,
     addr: SocketAddr,
     opened: Instant,
+    /// At most `preconnect_max_age` (see [`lifetime`]).
+    lifetime: Duration,
     connected: bool,
+}
+
+impl WarmSock {
+    /// When it is replaced: after its lifetime, or after `max_age` if a
+    /// reload lowered it since.
+    fn deadline(&self, max_age: Duration) -> Instant {
+        self.opened + self.lifetime.min(max_age)
+    }
 }
 
 /// The sockets of one port to one address, oldest first, and when the
@@ -84,30 +96,21 @@ pub struct Want<'a> {
     pub max_age: Duration,
 }
 
-/// What a refill does to one group, decided from the sockets' opening
-/// instants (oldest first) alone.
+/// What a refill does to one group, decided from the sockets' deadlines
+/// alone.
 #[derive(Debug, PartialEq, Eq)]
 struct Plan {
-    /// Close this many from the front: too old.
+    /// Close these: past their deadline.
     expired: usize,
-    /// Then close this many from the back: more than wanted.
+    /// Then close this many of the newest: more than wanted.
     extra: usize,
     /// Then open this many.
     open: usize,
 }
 
-fn plan(
-    opened: &[Instant],
-    n: usize,
-    max_age: Duration,
-    now: Instant,
-    retry_at: Option<Instant>,
-) -> Plan {
-    let expired = opened
-        .iter()
-        .take_while(|t| now.saturating_duration_since(**t) >= max_age)
-        .count();
-    let left = opened.len() - expired;
+fn plan(deadlines: &[Instant], n: usize, now: Instant, retry_at: Option<Instant>) -> Plan {
+    let expired = deadlines.iter().filter(|d| **d <= now).count();
+    let left = deadlines.len() - expired;
     let extra = left.saturating_sub(n);
     let open = if retry_at.is_some_and(|t| t > now) {
         0
@@ -119,6 +122,20 @@ fn plan(
         extra,
         open,
     }
+}
+
+/// The lifetime of the `i`th of `k` sockets opened in one refill. A group
+/// filled from empty (start, a new member, after a topology change) would
+/// otherwise have all its sockets expire, and be reopened, in the same
+/// turn, every `max_age`: its first sockets live `max_age / k`,
+/// `2 max_age / k`, … `max_age`, and their replacements the full age, so
+/// that one socket is replaced every `max_age / k`. A replacement in a group
+/// that still has sockets lives the full age.
+fn lifetime(i: usize, k: usize, from_empty: bool, max_age: Duration) -> Duration {
+    if !from_empty || i + 1 >= k {
+        return max_age;
+    }
+    max_age.mul_f64((i + 1) as f64 / k as f64)
 }
 
 /// Whether a socket the server closed after `lived` should hold back the
@@ -220,8 +237,8 @@ impl Warm {
             let key = g.socks[pos];
             let w = &self.socks[key];
             let lived = now.saturating_duration_since(w.opened);
-            if lived >= max_age {
-                self.drop_sock(key, "older than preconnect_max_age", false);
+            if now >= w.deadline(max_age) {
+                self.drop_sock(key, "past its preconnect_max_age lifetime", false);
                 continue;
             }
             if let Idle::Gone(why) = peek(&w.sock) {
@@ -322,33 +339,40 @@ impl Warm {
                 .addrs
                 .entry(addr)
                 .or_default();
-            let opened: Vec<Instant> = g.socks.iter().map(|k| self.socks[*k].opened).collect();
-            let p = plan(&opened, want.n, want.max_age, now, g.retry_at);
-            for _ in 0..p.expired {
-                if let Some(k) = g.socks.pop_front() {
-                    // A connect that never finished within the age: the
-                    // member is not answering.
-                    let w = self.socks.remove(k);
-                    if !w.connected {
-                        g.retry_at = Some(now + BACKOFF);
-                    }
-                    debug!(
-                        "preconnect port={} addr={addr} closed: older than preconnect_max_age{}",
-                        want.label,
-                        if w.connected {
-                            ""
-                        } else {
-                            " (never connected)"
-                        }
-                    );
+            let deadlines: Vec<Instant> = g
+                .socks
+                .iter()
+                .map(|k| self.socks[*k].deadline(want.max_age))
+                .collect();
+            let p = plan(&deadlines, want.n, now, g.retry_at);
+            let from_empty = p.expired == g.socks.len();
+            for (k, _) in g.socks.iter().zip(&deadlines).filter(|(_, d)| **d <= now) {
+                // A connect that never finished within the age: the
+                // member is not answering.
+                let w = self.socks.remove(*k);
+                if !w.connected {
+                    g.retry_at = Some(now + BACKOFF);
                 }
+                debug!(
+                    "preconnect port={} addr={addr} closed: past its lifetime{}",
+                    want.label,
+                    if w.connected {
+                        ""
+                    } else {
+                        " (never connected)"
+                    }
+                );
+            }
+            if p.expired > 0 {
+                let socks = &self.socks;
+                g.socks.retain(|k| socks.contains(*k));
             }
             for _ in 0..p.extra {
                 if let Some(k) = g.socks.pop_back() {
                     self.socks.remove(k);
                 }
             }
-            for _ in 0..p.open {
+            for i in 0..p.open {
                 if self.socks.len() >= token::MAX_WARM {
                     break;
                 }
@@ -376,6 +400,7 @@ impl Warm {
                             listener: lk,
                             addr,
                             opened: now,
+                            lifetime: lifetime(i, p.open, from_empty, want.max_age),
                             connected,
                         });
                         g.socks.push_back(key);
@@ -460,56 +485,69 @@ mod tests {
     }
 
     #[test]
-    fn a_refill_expires_the_oldest_trims_the_newest_and_opens_the_rest() {
+    fn a_refill_expires_what_is_past_its_deadline_trims_the_newest_and_opens_the_rest() {
         let t0 = Instant::now();
-        let age = ms(20_000);
         let now = t0 + ms(30_000);
-        // Two too old, three young, two wanted: two expire, one is extra.
-        let opened = [
-            t0,
-            t0 + ms(5_000),
-            t0 + ms(15_000),
-            t0 + ms(16_000),
-            t0 + ms(29_000),
+        // Two past their deadline (one of them not the oldest), three not,
+        // two wanted: two expire, one is extra.
+        let deadlines = [
+            t0 + ms(31_000),
+            t0 + ms(30_000),
+            t0 + ms(35_000),
+            t0 + ms(10_000),
+            t0 + ms(49_000),
         ];
         assert_eq!(
-            plan(&opened, 2, age, now, None),
+            plan(&deadlines, 2, now, None),
             Plan {
                 expired: 2,
                 extra: 1,
                 open: 0
             }
         );
-        // One young, four wanted: three to open.
+        // One alive, four wanted: three to open.
         assert_eq!(
-            plan(&opened[4..], 4, age, now, None),
+            plan(&deadlines[4..], 4, now, None),
             Plan {
                 expired: 0,
                 extra: 0,
                 open: 3
             }
         );
-        // Nothing wanted: everything young goes.
+        // Nothing wanted: everything alive goes.
         assert_eq!(
-            plan(&opened[2..], 0, age, now, None),
+            plan(&deadlines[2..], 0, now, None),
             Plan {
-                expired: 0,
-                extra: 3,
+                expired: 1,
+                extra: 2,
                 open: 0
             }
         );
     }
 
     #[test]
+    fn a_group_filled_from_empty_spreads_its_lifetimes_over_the_age() {
+        let age = ms(20_000);
+        let l: Vec<Duration> = (0..4).map(|i| lifetime(i, 4, true, age)).collect();
+        assert_eq!(l, [ms(5_000), ms(10_000), ms(15_000), ms(20_000)]);
+        // A replacement in a group that has sockets, or a single one, lives
+        // the full age.
+        assert_eq!(lifetime(0, 2, false, age), age);
+        assert_eq!(lifetime(0, 1, true, age), age);
+        // Never longer than the age, whatever the count.
+        assert_eq!(lifetime(usize::MAX - 1, usize::MAX, true, age), age);
+        assert!(lifetime(0, usize::MAX, true, age) <= age);
+    }
+
+    #[test]
     fn a_backoff_holds_back_opening_until_it_passes() {
         let t0 = Instant::now();
-        let age = ms(20_000);
         let retry = Some(t0 + BACKOFF);
-        assert_eq!(plan(&[], 2, age, t0, retry).open, 0);
-        assert_eq!(plan(&[], 2, age, t0 + BACKOFF - ms(1), retry).open, 0);
-        assert_eq!(plan(&[], 2, age, t0 + BACKOFF, retry).open, 2);
+        assert_eq!(plan(&[], 2, t0, retry).open, 0);
+        assert_eq!(plan(&[], 2, t0 + BACKOFF - ms(1), retry).open, 0);
+        assert_eq!(plan(&[], 2, t0 + BACKOFF, retry).open, 2);
         // Expiry and trimming still happen during a backoff.
-        let p = plan(&[t0], 0, ms(10), t0 + ms(10), retry);
+        let p = plan(&[t0 + ms(10)], 0, t0 + ms(10), retry);
         assert_eq!((p.expired, p.open), (1, 0));
         assert!(backs_off(ms(999)));
         assert!(!backs_off(BACKOFF));
@@ -581,5 +619,22 @@ mod tests {
         assert_eq!(w.len(), 2);
         w.close_listener(3);
         assert_eq!((w.len(), w.has(3)), (0, false));
+        // Four opened together from empty are replaced one at a time.
+        let four = Want { n: 4, ..want(only) };
+        w.refill(&four, t0, poll.registry(), open);
+        assert_eq!(w.len(), 4);
+        w.refill(&four, t0 + ms(5_000), poll.registry(), open);
+        assert_eq!(w.len(), 4);
+        let mut deadlines: Vec<Instant> = w
+            .socks
+            .iter()
+            .map(|(_, s)| s.deadline(ms(20_000)))
+            .collect();
+        deadlines.sort();
+        let from_t0: Vec<Duration> = deadlines.iter().map(|d| *d - t0).collect();
+        assert_eq!(from_t0, [ms(10_000), ms(15_000), ms(20_000), ms(25_000)]);
+        // A reload that lowers the age caps the lifetimes at once.
+        assert!(w.take(3, addr, ms(1_000), t0 + ms(6_000)).is_none());
+        assert_eq!(w.len(), 0);
     }
 }
