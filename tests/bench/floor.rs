@@ -90,8 +90,12 @@ fn main() -> io::Result<()> {
             let data = ev.data;
             if data & LISTENER != 0 {
                 let (l, backend) = &listeners[(data & !LISTENER) as usize];
-                let Ok((client, _)) = l.accept() else { continue };
-                let Ok(server) = TcpStream::connect(backend) else { continue };
+                let Ok((client, _)) = l.accept() else {
+                    continue;
+                };
+                let Ok(server) = TcpStream::connect(backend) else {
+                    continue;
+                };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 let a = free.pop().unwrap_or_else(|| {
@@ -104,8 +108,14 @@ fn main() -> io::Result<()> {
                 });
                 add(ep, client.as_raw_fd(), a as u64)?;
                 add(ep, server.as_raw_fd(), b as u64)?;
-                conns[a] = Some(Conn { sock: client, peer: b });
-                conns[b] = Some(Conn { sock: server, peer: a });
+                conns[a] = Some(Conn {
+                    sock: client,
+                    peer: b,
+                });
+                conns[b] = Some(Conn {
+                    sock: server,
+                    peer: a,
+                });
                 continue;
             }
             let k = data as usize;
