@@ -53,6 +53,10 @@ pub const FAST_POLL: Duration = Duration::from_millis(250);
 pub const FAST_WINDOW: Duration = Duration::from_secs(5);
 /// How long a failed host goes to the back of the line.
 pub const HOST_PENALTY: Duration = Duration::from_secs(10);
+/// ureq's input and output buffers per connection, and the largest
+/// response header accepted.
+const POLL_BUFFER: usize = 16 * 1024;
+
 /// Largest `/cluster` body accepted (a 100-member cluster is about 60 KiB).
 pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 /// How often a failure that persists is logged again at warn level.
@@ -280,6 +284,14 @@ impl Worker {
             // Patroni's API is reached directly; HTTP_PROXY must not hijack it.
             .proxy(None)
             .max_redirects(0)
+            // Patroni closes the connection after each answer, so every
+            // poll opens a new one, and ureq allocates and zero-fills these
+            // buffers for each (128 KiB apiece by default, twice over with
+            // TLS): most of a poll's CPU. A body is read through them in
+            // pieces, so they bound only the header (a few hundred bytes).
+            .input_buffer_size(POLL_BUFFER)
+            .output_buffer_size(POLL_BUFFER)
+            .max_response_header_size(POLL_BUFFER)
             .user_agent(concat!("patroni-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();

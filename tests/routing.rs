@@ -417,3 +417,34 @@ fn member_hosts_may_be_dns_names_or_ipv6_literals() {
         eprintln!("no IPv6 loopback here: IPv6 member part skipped");
     }
 }
+
+/// A `/cluster` body far larger than the updater's 16 KiB HTTP buffers
+/// (400 members with long tags, about 150 KiB, as HTTP/1.0 without a
+/// Content-Length like Patroni's) is read whole and routes.
+#[test]
+fn a_cluster_body_larger_than_the_poll_buffers_is_read_whole() {
+    let rig = Rig::start(&[("ro", "roles: [async]"), ("rw", "roles: [leader]")]);
+    let mut members = vec![
+        member("node1", "leader", "running", rig.nodes[0].addr, None),
+        member("node2", "replica", "streaming", rig.nodes[1].addr, Some(0)),
+    ];
+    for i in 0..400 {
+        // Stopped members: parsed, listed, never routed to.
+        let mut m = member(
+            &format!("spare{i:03}"),
+            "replica",
+            "stopped",
+            local(1),
+            None,
+        );
+        m["tags"] = json!({"note": "x".repeat(200)});
+        members.push(m);
+    }
+    let body = cluster(members);
+    assert!(body.to_string().len() > 120 * 1024);
+    rig.api.set(&body);
+    assert_eq!(rig.proxy.update(), 200);
+    assert_eq!(rig.proxy.backends("main", "ro"), ["node2"]);
+    assert_eq!(rig.proxy.backends("main", "rw"), ["node1"]);
+    assert_eq!(whoami(rig.port("ro")), "node2");
+}
