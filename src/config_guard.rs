@@ -128,10 +128,17 @@ fn flow_depth(text: &str) -> (usize, usize) {
                 at_line_start = true;
                 continue;
             }
-            b'-' | b'?' | b':' => {
-                // Indicators when followed by a space; a `:` right after a
-                // quoted key in flow (`{"a":1}`) also starts a token.
+            b'-' | b'?' | b':' if indicator(b, i, depth > 0) => {
+                // An indicator: a token may start after it.
                 token_start = true;
+            }
+            b'-' | b'?' | b':' => {
+                // Glued to what follows (`-x`, and `?x`, `:x` in block
+                // context): the start of a plain scalar, as libyaml reads
+                // it, so a quote after it opens nothing.
+                i = skip_plain(b, i, depth > 0);
+                token_start = false;
+                continue;
             }
             b'!' | b'&' | b'*' if token_start => {
                 // A tag, an anchor or an alias: a node's property, after
@@ -201,10 +208,14 @@ fn skip_quoted(b: &[u8], i: usize) -> (usize, usize) {
     (b.len(), lines)
 }
 
-/// Past a plain scalar starting at `i`, stopping where a token could start:
-/// at a line break, at `: ` or ` #`, and in flow context at any flow
-/// indicator. Multi-line plain scalars are resumed line by line, which only
-/// ever makes the lexer see more structure, never less.
+/// Whether the `-`, `?` or `:` at `b[i]` is an indicator, by libyaml's
+/// rules: `-` when a blank, a line break or the end follows; `?` and `:`
+/// also anywhere in flow context (`{"a":1}`, `[?x]`).
+fn indicator(b: &[u8], i: usize, in_flow: bool) -> bool {
+    let blank_next = matches!(b.get(i + 1), None | Some(b' ' | b'\t')) || line_break(b, i + 1) > 0;
+    blank_next || (in_flow && b[i] != b'-')
+}
+
 /// Where the tag, anchor or alias at `b[i]` ends: at a space, a line break
 /// or a flow indicator (which then counts).
 fn skip_property(b: &[u8], i: usize) -> usize {
@@ -215,6 +226,10 @@ fn skip_property(b: &[u8], i: usize) -> usize {
         .unwrap_or(b.len())
 }
 
+/// Past a plain scalar starting at `i`, stopping where a token could start:
+/// at a line break, at `: ` or ` #`, and in flow context at any flow
+/// indicator. Multi-line plain scalars are resumed line by line, which only
+/// ever makes the lexer see more structure, never less.
 fn skip_plain(b: &[u8], i: usize, in_flow: bool) -> usize {
     let mut j = i;
     while j < b.len() {
@@ -432,6 +447,25 @@ mod tests {
         }
         let (depth, _) = flow_depth("a: b\r# {{{{{{{{{{\rc: [d]\r");
         assert_eq!(depth, 1, "a comment ends at a CR too");
+    }
+
+    #[test]
+    fn a_quote_glued_to_a_dash_question_mark_or_colon_opens_no_quoted_scalar() {
+        // libyaml reads `?'x`, `:'x` and `-'x` in block context as plain
+        // scalars (the indicators need a blank after them), so the quote
+        // opens nothing and the brackets on the next line nest (a fuzz
+        // finding: 11 KB like this took libyaml 0.3 s, 34 KB 3.6 s).
+        let deep = "[".repeat(9);
+        for glued in ["?'''? ts:", ":'x", "-'x", "? a: ?'x"] {
+            let text = format!("{glued}\nk: {deep}\n");
+            assert!(precheck(&text).is_err(), "{glued:?}");
+        }
+        // A real indicator before a quote still opens it, and in flow
+        // context `?` and `:` are indicators even when glued.
+        assert!(precheck(&format!("? 'x\n{deep}'\n")).is_ok());
+        assert!(precheck(&format!("- 'x {deep}'\n")).is_ok());
+        assert!(precheck(&format!("k: {{\"a\":'{deep}'}}\n")).is_ok());
+        assert!(precheck(&format!("k: [?'{deep}']\n")).is_ok());
     }
 
     #[test]
