@@ -390,9 +390,8 @@ impl LagTracker {
                 }
             }
         }
-        // One event per member at most: names are unique, so an unstable
-        // sort gives the one order there is.
-        events.sort_unstable_by(|a, b| a.member().cmp(b.member()));
+        // One event per member at most, and a handful of members.
+        crate::order::sort_short_by(&mut events, |a, b| a.member().cmp(b.member()));
         events
     }
 
