@@ -11,11 +11,11 @@
 //! health, metrics, access, tls_server, logging}`;
 //! `updater -> {patroni, topology, health, dns, tls, https, logging}`;
 //! `config -> {topology, policy, error, config_guard, tls, tls_server, access}`;
-//! `policy -> topology`; `tls_server -> tls`; `https -> tls`;
+//! `policy -> {topology, order}`; `tls -> order`; `tls_server -> tls`; `https -> tls`;
 //! `patroni -> topology`; `health -> {topology, patroni}` (patroni in its
 //! tests only).
 //! `topology`, `pgwire`, `admin`, `metrics`, `signals`, `notify`, `error`,
-//! `dns`, `config_guard`, `tls`, `access` and `logging` depend on nothing of ours. The loop and the updater threads
+//! `dns`, `config_guard`, `access`, `order` and `logging` depend on nothing of ours. The loop and the updater threads
 //! share only the message types in `updater`. Every libc call and every
 //! `unsafe` block is in `proxy::sys`.
 #![deny(unsafe_code)]
@@ -31,6 +31,7 @@ pub mod https;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod order;
 pub mod patroni;
 pub mod pgwire;
 pub mod policy;

@@ -390,7 +390,8 @@ impl LagTracker {
                 }
             }
         }
-        events.sort_by(|a, b| a.member().cmp(b.member()));
+        // One event per member at most, and a handful of members.
+        crate::order::sort_short_by(&mut events, |a, b| a.member().cmp(b.member()));
         events
     }
 

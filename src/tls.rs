@@ -331,7 +331,8 @@ fn read_ca_dir(d: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         let e = e.map_err(|e| format!("{shown}: {e}"))?;
         files.push(e.path());
     }
-    files.sort();
+    // Hundreds of files at most, read once per load.
+    crate::order::sort_short_by(&mut files, |a, b| a.cmp(b));
     let mut seen_files = HashSet::new();
     let mut out = Vec::new();
     for f in files {

@@ -395,14 +395,14 @@ impl Worker {
     /// Tries the hosts until one answers; resolves member addresses.
     fn poll_once(&mut self) -> Result<Polled, PollFailure> {
         let now = Instant::now();
-        let mut order: Vec<&String> = self.settings.hosts.iter().collect();
-        // Stable sort: hosts in penalty go last, config order otherwise kept.
-        order.sort_by_key(|h| {
-            self.failed_at
-                .get(*h)
-                .is_some_and(|t| now.duration_since(*t) < HOST_PENALTY)
-        });
-        let order: Vec<String> = order.into_iter().cloned().collect();
+        // Hosts in penalty go last, config order otherwise kept.
+        let (penalised, fresh): (Vec<&String>, Vec<&String>) =
+            self.settings.hosts.iter().partition(|h| {
+                self.failed_at
+                    .get(*h)
+                    .is_some_and(|t| now.duration_since(*t) < HOST_PENALTY)
+            });
+        let order: Vec<String> = fresh.into_iter().chain(penalised).cloned().collect();
 
         let mut errors = Vec::new();
         let mut kind = PollError::Connect;
