@@ -424,6 +424,9 @@ fn member_hosts_may_be_dns_names_or_ipv6_literals() {
 #[test]
 fn a_cluster_body_larger_than_the_poll_buffers_is_read_whole() {
     let rig = Rig::start(&[("ro", "roles: [async]"), ("rw", "roles: [leader]")]);
+    // Before it, both replicas take `ro` clients: only the large body,
+    // parsed whole (a cut one is not JSON), leaves node2 alone there.
+    rig.proxy.wait_backends("main", "ro", &["node2", "node3"]);
     let mut members = vec![
         member("node1", "leader", "running", rig.nodes[0].addr, None),
         member("node2", "replica", "streaming", rig.nodes[1].addr, Some(0)),
