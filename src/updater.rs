@@ -813,9 +813,22 @@ mod tests {
         url
     }
 
+    /// A port nothing listens on. It is below the ephemeral range, so the
+    /// listeners these tests bind to port 0 (and client sockets) never take
+    /// it: a freed ephemeral port could be handed straight to the next
+    /// mock host, and the "refused" host would answer.
     fn refused() -> String {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
+        use std::sync::atomic::{AtomicU16, Ordering};
+        static NEXT: AtomicU16 = AtomicU16::new(0);
+        let base = 12_000 + (std::process::id() % 500) as u16 * 16;
+        let _ = NEXT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
+        for _ in 0..4_000 {
+            let p = NEXT.fetch_add(1, Ordering::SeqCst);
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return format!("http://127.0.0.1:{p}");
+            }
+        }
+        panic!("no free port below the ephemeral range");
     }
 
     fn failure(hosts: Vec<String>) -> PollFailure {
