@@ -414,9 +414,7 @@ fn a_drain_closes_the_pooled_connections_and_keeps_the_sessions() {
 #[test]
 fn a_member_that_refuses_connects_is_retried_after_a_backoff() {
     // Nothing listens there: every connect is refused.
-    let gone = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = gone.local_addr().unwrap();
-    drop(gone);
+    let addr = refused_addr();
     let api = MockPatroni::start(&cluster(vec![member(
         "node1", "leader", "running", addr, None,
     )]));

@@ -187,10 +187,7 @@ fn connect_timeout_moves_on_to_the_next_member() {
 
 #[test]
 fn refused_connect_moves_on_and_when_all_fail_the_client_is_held() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap(); // closed again
+    let dead = refused_addr();
     let good = Backend::start("node2");
     let (api, p, port) = any_port(&[("node1", dead), ("node2", good.addr)], "");
     for _ in 0..3 {
@@ -218,10 +215,7 @@ fn refused_connect_moves_on_and_when_all_fail_the_client_is_held() {
 
 #[test]
 fn when_all_members_keep_failing_the_client_is_closed_after_the_wait() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap(); // closed again
+    let dead = refused_addr();
     let api = MockPatroni::start(&cluster(vec![member(
         "node1", "leader", "running", dead, None,
     )]));

@@ -57,6 +57,13 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// An address that refuses connections: a port from [`free_port`], which
+/// nothing binds. (A port taken from port 0 and closed again could be handed
+/// to the next listener bound to port 0, another test's backend.)
+pub fn refused_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// A per-test directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 
