@@ -526,7 +526,7 @@ impl Proxy {
     /// whose bytes came with the connection is answered before newer
     /// connections can push it out.
     pub(super) fn accept_admin(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         for _ in 0..ACCEPT_BATCH {
             match self.admin.front.accept_one(self.poll.registry(), now) {
                 Accepted::Conn(key, id, deadline) => {

@@ -426,7 +426,7 @@ impl Proxy {
     }
 
     pub(super) fn accept_health(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         for _ in 0..ACCEPT_BATCH {
             let Some(f) = self.health.front.as_mut() else {
                 break;

@@ -82,7 +82,7 @@ impl Proxy {
                 s.counted = (s.pair.bytes_up, s.pair.bytes_down);
             }
         }
-        let v = s.on_pumped(pumped, Instant::now());
+        let v = s.on_pumped(pumped, self.now);
         self.apply(key, v);
     }
 
@@ -137,7 +137,7 @@ impl Proxy {
 
     /// Sends a session to a backend, or makes it wait for one, or refuses it.
     pub(super) fn route(&mut self, key: usize) {
-        let now = Instant::now();
+        let now = self.now;
         let connect_timeout = self.config.connect_timeout;
         let keepalive = self.config.tcp_keepalive;
         let user_timeout = self.config.tcp_user_timeout;
@@ -371,7 +371,7 @@ impl Proxy {
     /// Holds session `key` for `delay` and queues its start-up for a replay
     /// on the next backend. False when it may not or cannot be replayed.
     fn hold_for_replay(&mut self, key: usize, why: &str, delay: Duration) -> bool {
-        let now = Instant::now();
+        let now = self.now;
         let Some(s) = self.sessions.get_mut(key) else {
             return true;
         };

@@ -110,6 +110,11 @@ pub struct Proxy {
     open_fds: crate::metrics::OpenFds,
     drain_deadline: Option<Instant>,
     exit_now: bool,
+    /// The loop's clock: read before each poll and again when it returns,
+    /// and used for everything the turn does (deadlines, ages, backoffs).
+    /// A turn takes microseconds, far below any timeout; one read per turn
+    /// instead of one per session step (RESULTS.md §16).
+    now: Instant,
 }
 
 impl Proxy {
@@ -166,6 +171,7 @@ impl Proxy {
             open_fds: crate::metrics::OpenFds::new(),
             drain_deadline: None,
             exit_now: false,
+            now: Instant::now(),
         };
         for (cluster, port) in config.ports() {
             let socket = bind(port.listen, config.listen_backlog)?;
@@ -191,13 +197,15 @@ impl Proxy {
             self.clusters.len()
         ));
         loop {
-            let now = Instant::now();
+            self.now = Instant::now();
             let timeout = if !self.run_queue.is_empty() || self.accept.more {
                 Some(Duration::ZERO)
             } else {
-                self.timers.next_timeout(now)
+                self.timers.next_timeout(self.now)
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let polled = self.poll.poll(&mut events, timeout);
+            self.now = Instant::now();
+            if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue; // a signal landed during epoll_wait
                 }
@@ -255,7 +263,7 @@ impl Proxy {
                     info!("drained: all sessions finished; exiting");
                     return Ok(());
                 }
-                if Instant::now() >= deadline {
+                if self.now >= deadline {
                     info!(
                         "shutdown_timeout reached; closing {left} remaining sessions and exiting"
                     );
@@ -291,7 +299,7 @@ impl Proxy {
     // ---- timers -----------------------------------------------------------
 
     fn fire_timers(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         for t in self.timers.expired(now) {
             match t {
                 Timer::Session(key, id) => self.session_deadline(key, id, now),

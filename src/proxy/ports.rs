@@ -127,7 +127,7 @@ impl Proxy {
                         sys::AcceptError::Pause => {
                             let wait = self.accept.pause(&e, self.sessions.len());
                             self.stats.accept_pauses += 1;
-                            self.timers.add(Instant::now() + wait, Timer::AcceptResume);
+                            self.timers.add(self.now + wait, Timer::AcceptResume);
                             return;
                         }
                     },
@@ -143,14 +143,7 @@ impl Proxy {
         self.next_id += 1;
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        let mut s = Session::new(
-            id,
-            lk,
-            sock,
-            peer,
-            self.config.startup_replay,
-            Instant::now(),
-        );
+        let mut s = Session::new(id, lk, sock, peer, self.config.startup_replay, self.now);
         let tok = token::session(key, Side::Client);
         if let Err(e) = self.poll.registry().register(
             &mut s.pair.client.sock,

@@ -127,6 +127,11 @@ pub struct Failed {
     pub error: io::Error,
 }
 
+/// What a tap allocates for its first bytes: enough for what a client sends
+/// before the server's first answer (an 8-byte encryption request, then a
+/// start-up packet of about 100 bytes) in one allocation, not three.
+const TAP_FIRST_CAPACITY: usize = 256;
+
 /// A copy of the bytes read from a source, up to `limit` (the start-up
 /// stage keeps what the client sent, for a replay).
 pub struct Tap<'a> {
@@ -405,6 +410,9 @@ fn copy(
                     bulk |= n == buf.capacity();
                     if let Some(tap) = tap.as_mut() {
                         if tap.into.len() <= tap.limit {
+                            if tap.into.capacity() == 0 {
+                                tap.into.reserve(n.max(TAP_FIRST_CAPACITY));
+                            }
                             tap.into.extend_from_slice(&buf.filled()[buf.len() - n..]);
                         }
                     }

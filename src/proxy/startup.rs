@@ -21,6 +21,8 @@ use crate::pgwire::{self, Answer};
 
 /// Largest client start-up kept for a replay.
 const MAX_STARTUP_BYTES: usize = 8192;
+/// Room first given to the server's answer (see `first_answer`).
+const REPLY_FIRST_CAPACITY: usize = 1024;
 /// An SSLRequest or GSSENCRequest is 8 bytes.
 const ENCRYPTION_REQUEST_BYTES: usize = 8;
 
@@ -228,6 +230,12 @@ impl Startup {
                 }
                 Ok(n) => {
                     p.bytes_down += n as u64;
+                    if self.reply.capacity() == 0 {
+                        // The whole answer to a start-up (authentication,
+                        // parameters, key, ready: 400-500 bytes) in one
+                        // allocation, kept across the `N` before it.
+                        self.reply.reserve(n.max(REPLY_FIRST_CAPACITY.min(cap)));
+                    }
                     self.reply.extend_from_slice(&chunk[..n]);
                     // A short read drained the socket (the relay's rule):
                     // no read that would only say EAGAIN.

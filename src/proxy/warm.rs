@@ -423,7 +423,7 @@ impl Warm {
 impl Proxy {
     /// A readiness event on pre-connected socket `key`.
     pub(super) fn warm_event(&mut self, key: usize, ev: &Event) {
-        self.warm.event(key, ev, Instant::now());
+        self.warm.event(key, ev, self.now);
     }
 
     /// Refills the pre-connected sockets of every port, if anything changed.
@@ -432,7 +432,7 @@ impl Proxy {
         if !std::mem::take(&mut self.warm.dirty) {
             return;
         }
-        let now = Instant::now();
+        let now = self.now;
         let stopping = self.drain_deadline.is_some();
         let keepalive = self.config.tcp_keepalive;
         let user_timeout = self.config.tcp_user_timeout;
