@@ -56,7 +56,6 @@ pub const HOST_PENALTY: Duration = Duration::from_secs(10);
 /// ureq's input and output buffers per connection, and the largest
 /// response header accepted.
 const POLL_BUFFER: usize = 16 * 1024;
-
 /// Largest `/cluster` body accepted (a 100-member cluster is about 60 KiB).
 pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 /// How often a failure that persists is logged again at warn level.
